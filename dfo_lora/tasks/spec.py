@@ -1,0 +1,340 @@
+"""Task specifications: labels, templates, verbalizers, metric — and the registry.
+
+Masked-LM templates and verbalizers are the DFO-LoRA / BBT ones (DESIGN.md §2); SST-5 and
+TREC follow LM-BFF (Gao et al. 2021). Causal-LM templates are ours: the paper only uses
+masked LMs, and a causal LM must predict the label word as the NEXT token, so every causal
+template ends right before the label word:
+
+- sentiment (sst2, yelp_polarity, mr, sst5): ``"{text_a} . It was"`` -> " bad" / " great"
+  (the paper's template with the mask cut off);
+- agnews: ``"{text_a} Topic:"`` -> " World" / " Sports" / " Business" / " Tech";
+- dbpedia: ``"{text_a} Category:"`` -> the paper's words, except two that are several
+  tokens for SmolLM2's tokenizer: Athlete -> " Athletes", Album -> " Music"
+  (``TaskSpec.clm_verbalizer``);
+- pair tasks (mrpc, rte, snli): ``"{text_a}\\nQuestion: {text_b} Yes or no?\\nAnswer:"``
+  (snli: "Yes, no, or maybe?") -> " Yes" / " No" (/ " Maybe");
+- trec: ``"{text_a} Answer type:"`` -> " Expression" / " Entity" / " Description" / ...
+
+Verbalizer words are stored WITHOUT a leading space; `encoding.verbalizer_ids` decides
+per tokenizer whether the label token is the space-prefixed word (byte-level BPE,
+SentencePiece) or the bare word (WordPiece).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dfo_lora.errors import UserError
+
+METRICS = ("accuracy", "f1")
+PLACEHOLDER_RE = re.compile(r"(\{text_a\}|\{text_b\}|\{mask\})")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled input; `text_b` is None for single-sentence tasks."""
+
+    text_a: str
+    text_b: str | None
+    label: int
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Where a custom (YAML) task's data lives and which columns hold what.
+
+    `test` None means: no test file, the test set is the pool minus the sampled train+dev.
+    `fmt` is "jsonl", "csv" or "tsv"; `quoting` is "minimal" (csv module quoting) or "none"
+    (fields are taken verbatim; the default for TSV, as GLUE's files need).
+    """
+
+    train: Path
+    test: Path | None
+    text_a: str
+    text_b: str | None
+    label: str
+    fmt: str
+    quoting: str
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A classification task: labels, how an input becomes a prompt, how labels become words.
+
+    Templates use the placeholders {text_a}, {text_b} (pair tasks only) and {mask} (masked
+    LM only, exactly once). `clm_verbalizer`, when set, replaces `verbalizer` for causal LMs
+    (used where a paper word is several tokens for common causal tokenizers). `source` is
+    set for custom tasks loaded from YAML; built-in tasks read `<data_dir>/<data_subdir>`.
+    """
+
+    name: str
+    label_names: tuple[str, ...]
+    verbalizer: tuple[str, ...]  # one word per label, without leading space
+    mlm_template: str  # e.g. "{text_a} . It was {mask} ."
+    clm_template: str  # slot at the end, e.g. "{text_a} . It was"
+    metric: str  # "accuracy" or "f1" (binary F1 of label 1)
+    data_subdir: str  # folder name under the data dir
+    description: str  # one line for `dfo-lora tasks`
+    clm_verbalizer: tuple[str, ...] | None = None
+    source: FileSource | None = None
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def is_pair(self) -> bool:
+        return "{text_b}" in self.mlm_template or "{text_b}" in self.clm_template
+
+    def words(self, causal: bool) -> tuple[str, ...]:
+        """The verbalizer words used for a causal (True) or masked (False) LM."""
+        if causal and self.clm_verbalizer is not None:
+            return self.clm_verbalizer
+        return self.verbalizer
+
+
+def validate_spec(
+    spec: TaskSpec, where: str, template_fields: tuple[str, str] = ("mlm_template", "clm_template")
+) -> None:
+    """Raise UserError (prefixed with `where`) if the spec is inconsistent.
+
+    `template_fields` names the two templates in messages (YAML files call them
+    templates.mlm / templates.clm).
+    """
+    n = len(spec.label_names)
+    if n < 2:
+        raise UserError(f"{where}: a task needs at least 2 labels, got {n}")
+    if len(set(spec.label_names)) != n:
+        raise UserError(f"{where}: label names must be distinct: {list(spec.label_names)}")
+    for field, words in (("verbalizer", spec.verbalizer), ("clm_verbalizer", spec.clm_verbalizer)):
+        if words is None:
+            continue
+        if len(words) != n:
+            raise UserError(
+                f"{where}: field '{field}' has {len(words)} words but there are {n} labels"
+            )
+        for w in words:
+            if not isinstance(w, str) or not w.strip() or w != w.strip():
+                raise UserError(
+                    f"{where}: field '{field}': {w!r} must be a non-empty word without surrounding spaces"
+                )
+        if len(set(words)) != n:
+            raise UserError(f"{where}: field '{field}' words must be distinct: {list(words)}")
+    if spec.metric not in METRICS:
+        raise UserError(f"{where}: metric {spec.metric!r} is not one of {', '.join(METRICS)}")
+    if spec.metric == "f1" and n != 2:
+        raise UserError(f"{where}: metric 'f1' (binary F1 of label 1) needs 2 labels, got {n}")
+    for field, template, masked in (
+        (template_fields[1], spec.clm_template, False),
+        (template_fields[0], spec.mlm_template, True),
+    ):
+        pieces = PLACEHOLDER_RE.findall(template)
+        if pieces.count("{text_a}") != 1:
+            raise UserError(f"{where}: field '{field}' must contain {{text_a}} exactly once")
+        if pieces.count("{text_b}") > 1:
+            raise UserError(f"{where}: field '{field}' contains {{text_b}} more than once")
+        if masked and pieces.count("{mask}") != 1:
+            raise UserError(f"{where}: field '{field}' must contain {{mask}} exactly once")
+        if not masked and "{mask}" in pieces:
+            raise UserError(
+                f"{where}: field '{field}' must not contain {{mask}}: the causal LM predicts "
+                "the label word after the last token"
+            )
+    pair_m = "{text_b}" in spec.mlm_template
+    pair_c = "{text_b}" in spec.clm_template
+    if pair_m != pair_c:
+        raise UserError(f"{where}: {{text_b}} must appear in both templates or in neither")
+
+
+_SENTIMENT_MLM = "{text_a} . It was {mask} ."
+_SENTIMENT_CLM = "{text_a} . It was"
+_PAIR_MLM = "{text_a} ? {mask} , {text_b}"
+_PAIR_CLM = "{text_a}\nQuestion: {text_b} Yes or no?\nAnswer:"
+
+_BUILTIN: tuple[TaskSpec, ...] = (
+    TaskSpec(
+        name="sst2",
+        label_names=("negative", "positive"),
+        verbalizer=("bad", "great"),
+        mlm_template=_SENTIMENT_MLM,
+        clm_template=_SENTIMENT_CLM,
+        metric="accuracy",
+        data_subdir="sst2",
+        description="SST-2 movie-review sentiment (GLUE; test = GLUE dev, 872)",
+    ),
+    TaskSpec(
+        name="yelp_polarity",
+        label_names=("negative", "positive"),
+        verbalizer=("bad", "great"),
+        mlm_template=_SENTIMENT_MLM,
+        clm_template=_SENTIMENT_CLM,
+        metric="accuracy",
+        data_subdir="yelp_polarity",
+        description="Yelp review polarity (local pool only: test = pool minus train/dev)",
+    ),
+    TaskSpec(
+        name="agnews",
+        label_names=("World", "Sports", "Business", "Sci/Tech"),
+        verbalizer=("World", "Sports", "Business", "Tech"),
+        mlm_template="{mask} News: {text_a}",
+        clm_template="{text_a} Topic:",
+        metric="accuracy",
+        data_subdir="agnews",
+        description="AG News topic, 4 classes (official test, 7,600)",
+    ),
+    TaskSpec(
+        name="dbpedia",
+        label_names=(
+            "Company",
+            "EducationalInstitution",
+            "Artist",
+            "Athlete",
+            "OfficeHolder",
+            "MeanOfTransportation",
+            "Building",
+            "NaturalPlace",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "WrittenWork",
+        ),
+        verbalizer=(
+            "Company",
+            "Education",
+            "Artist",
+            "Athlete",
+            "Office",
+            "Transportation",
+            "Building",
+            "Natural",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "Written",
+        ),
+        clm_verbalizer=(
+            "Company",
+            "Education",
+            "Artist",
+            "Athletes",
+            "Office",
+            "Transportation",
+            "Building",
+            "Natural",
+            "Village",
+            "Animal",
+            "Plant",
+            "Music",
+            "Film",
+            "Written",
+        ),
+        mlm_template="[ Category: {mask} ] {text_a}",
+        clm_template="{text_a} Category:",
+        metric="accuracy",
+        data_subdir="dbpedia",
+        description="DBPedia-14 ontology, 14 classes (local pool only: test = pool minus train/dev)",
+    ),
+    TaskSpec(
+        name="mrpc",
+        label_names=("not_equivalent", "equivalent"),
+        verbalizer=("No", "Yes"),
+        mlm_template=_PAIR_MLM,
+        clm_template=_PAIR_CLM,
+        metric="f1",
+        data_subdir="mrpc",
+        description="MRPC paraphrase, sentence pairs, F1 (GLUE; test = GLUE dev, 408)",
+    ),
+    TaskSpec(
+        name="snli",
+        label_names=("entailment", "neutral", "contradiction"),
+        verbalizer=("Yes", "Maybe", "No"),
+        mlm_template=_PAIR_MLM,
+        clm_template="{text_a}\nQuestion: {text_b} Yes, no, or maybe?\nAnswer:",
+        metric="accuracy",
+        data_subdir="snli",
+        description="SNLI entailment, 3 classes (official test, 9,824)",
+    ),
+    TaskSpec(
+        name="rte",
+        label_names=("entailment", "not_entailment"),
+        verbalizer=("Yes", "No"),
+        mlm_template=_PAIR_MLM,
+        clm_template=_PAIR_CLM,
+        metric="accuracy",
+        data_subdir="rte",
+        description="RTE entailment, sentence pairs (GLUE; test = GLUE dev, 277)",
+    ),
+    TaskSpec(
+        name="sst5",
+        label_names=("very negative", "negative", "neutral", "positive", "very positive"),
+        verbalizer=("terrible", "bad", "okay", "good", "great"),
+        mlm_template=_SENTIMENT_MLM,
+        clm_template=_SENTIMENT_CLM,
+        metric="accuracy",
+        data_subdir="sst5",
+        description="SST-5 fine-grained sentiment, 5 classes (official test, 2,210)",
+    ),
+    TaskSpec(
+        name="trec",
+        # Label order is the data's (HF `trec` coarse): ABBR, ENTY, DESC, HUM, LOC, NUM;
+        # words are LM-BFF's, mapped to that order.
+        label_names=("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"),
+        verbalizer=("Expression", "Entity", "Description", "Human", "Location", "Number"),
+        mlm_template="{mask} : {text_a}",
+        clm_template="{text_a} Answer type:",
+        metric="accuracy",
+        data_subdir="trec",
+        description="TREC-6 question type, 6 classes (official test, 500)",
+    ),
+    TaskSpec(
+        name="mr",
+        label_names=("negative", "positive"),
+        verbalizer=("bad", "great"),
+        mlm_template=_SENTIMENT_MLM,
+        clm_template=_SENTIMENT_CLM,
+        metric="accuracy",
+        data_subdir="mr",
+        description="Movie-review snippets (Rotten Tomatoes polarity via vaderSentiment; "
+        "downloaded on first use; fixed 2,000-row test)",
+    ),
+)
+
+_REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in _BUILTIN}
+for _spec in _BUILTIN:
+    validate_spec(_spec, f"built-in task {_spec.name}")
+
+# Built-in tasks whose local copy has no test.jsonl: test = pool minus sampled train/dev.
+TEST_FROM_POOL = frozenset({"yelp_polarity", "dbpedia"})
+
+
+def get_task(name: str) -> TaskSpec:
+    """The registered task called `name`; UserError with a suggestion if unknown."""
+    spec = _REGISTRY.get(name)
+    if spec is not None:
+        return spec
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UserError(f"unknown task {name!r} (known: {', '.join(_REGISTRY)}){hint}")
+
+
+def list_tasks() -> list[TaskSpec]:
+    """All registered tasks, in registry order (the paper's seven first)."""
+    return list(_REGISTRY.values())
+
+
+def resolve_task(task: str | TaskSpec) -> TaskSpec:
+    """A TaskSpec from a spec, a registered name, or a path to a YAML task file."""
+    if isinstance(task, TaskSpec):
+        return task
+    if task.endswith((".yaml", ".yml")) or ("/" in task and Path(task).is_file()):
+        from dfo_lora.tasks.custom import load_task_file
+
+        return load_task_file(task)
+    return get_task(task)
