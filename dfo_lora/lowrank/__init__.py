@@ -1,0 +1,27 @@
+"""The low-rank search space (z -> LoRA factors) and the batched low-rank projection."""
+
+from dfo_lora.lowrank.layer import (
+    AdaptedProjection,
+    install_adapters,
+    merge_delta,
+    projection_shape,
+)
+from dfo_lora.lowrank.space import (
+    DEFAULT_TARGETS,
+    FactorShape,
+    LowRankConfig,
+    LowRankSpace,
+    clipped_std,
+)
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "AdaptedProjection",
+    "FactorShape",
+    "LowRankConfig",
+    "LowRankSpace",
+    "clipped_std",
+    "install_adapters",
+    "merge_delta",
+    "projection_shape",
+]

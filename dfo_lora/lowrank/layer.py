@@ -1,0 +1,139 @@
+"""A projection with low-rank deltas that can hold P candidates at once.
+
+`AdaptedProjection` wraps one frozen projection (nn.Linear or GPT-2's Conv1D) and adds
+`B_t @ A_t @ x` to the output slice of each target t it carries (one slice for a plain
+projection; q, k, v slices of GPT-2's fused c_attn). Per target it holds either
+
+- nothing: exactly the frozen module;
+- one committed factor pair (A (r, in), B (out, r)): the layer's current best z;
+- P candidates' factors (A (P, r, in), B (P, out, r)) for a batch stacked as
+  P blocks of n sequences: every block gets its own delta through batched matmuls
+  (the multi-LoRA / BGMV idea), instead of P separate forwards.
+
+With `shared_input` the P blocks are known to carry the same input (the layer being
+searched reads the cached prefix output, identical for all candidates): the base
+projection and the A-projection then run once on one block and only the rank-r
+up-projection is per candidate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or a Conv1D (weight stored as (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = module.weight
+    return weight.shape[0], weight.shape[1]
+
+
+def merge_delta(module: nn.Module, delta: torch.Tensor, out_slice: tuple[int, int] | None) -> None:
+    """Add a dense delta (out, in) into the frozen weight in place (export, references)."""
+    start, stop = out_slice or (0, projection_shape(module)[1])
+    with torch.no_grad():
+        if isinstance(module, nn.Linear):
+            module.weight[start:stop] += delta.to(module.weight.dtype)
+        else:  # Conv1D: y = x @ W + b with W (in, out)
+            module.weight[:, start:stop] += delta.T.to(module.weight.dtype)
+
+
+class AdaptedProjection(nn.Module):
+    """A frozen projection plus, per target slice, one committed or P batched deltas."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.out_slices: dict[str, tuple[int, int] | None] = {}
+        self.committed: dict[str, Factors] = {}
+        self.candidates: dict[str, Factors] = {}
+        self.shared_input = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return projection_shape(self.base)
+
+    def add_target(self, target: str, out_slice: tuple[int, int] | None) -> None:
+        self.out_slices[target] = out_slice
+
+    def target_shape(self, target: str) -> tuple[int, int]:
+        in_features, out_features = self.shape
+        out_slice = self.out_slices[target]
+        return in_features, (out_slice[1] - out_slice[0]) if out_slice else out_features
+
+    def set_committed(self, target: str, factors: Factors | None) -> None:
+        if factors is None:
+            self.committed.pop(target, None)
+        else:
+            self.committed[target] = factors
+
+    def set_candidates(self, candidates: dict[str, Factors], shared_input: bool = False) -> None:
+        """Install P candidates' factors for some targets (the rest keep their commits)."""
+        self.candidates = candidates
+        self.shared_input = shared_input and bool(candidates)
+
+    def clear_candidates(self) -> None:
+        self.candidates = {}
+        self.shared_input = False
+
+    def _add(self, out: torch.Tensor, target: str, delta: torch.Tensor) -> None:
+        out_slice = self.out_slices[target]
+        if out_slice is None:
+            out.add_(delta)
+        else:
+            out[..., out_slice[0] : out_slice[1]] += delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.candidates:
+            out = self.base(x)
+            for target, (a, b) in self.committed.items():  # (r, in), (out, r)
+                self._add(out, target, (x @ a.T) @ b.T)
+            return out
+        num_cand = next(iter(self.candidates.values()))[0].shape[0]
+        batch, seq, width = x.shape  # batch = P * n
+        n = batch // num_cand
+        if self.shared_input:
+            x0 = x[:n]  # (n, T, in): every block holds this same input
+            base = self.base(x0)  # (n, T, out)
+            out = base.repeat(num_cand, 1, 1)  # (P*n, T, out), a real copy to add into
+            x_blocks = None
+        else:
+            x0 = None
+            out = self.base(x)  # (P*n, T, out)
+            x_blocks = x.reshape(num_cand, n * seq, width)
+        for target in self.out_slices:
+            if target in self.candidates:
+                a, b = self.candidates[target]  # (P, r, in), (P, out, r)
+                rank = a.shape[1]
+                if x0 is not None:  # one matmul for all candidates' A on the shared input
+                    u = x0.reshape(n * seq, width) @ a.reshape(num_cand * rank, width).T
+                    u = u.view(n * seq, num_cand, rank).transpose(0, 1)  # (P, nT, r)
+                else:
+                    u = torch.bmm(x_blocks, a.transpose(1, 2))  # (P, nT, r)
+                delta = torch.bmm(u, b.transpose(1, 2))  # (P, nT, out)
+                self._add(out, target, delta.reshape(batch, seq, -1))
+            elif target in self.committed:
+                a, b = self.committed[target]
+                self._add(out, target, (x @ a.T) @ b.T)
+        return out
+
+
+def install_adapters(
+    layer: nn.Module, targets: dict[str, tuple[str, tuple[int, int] | None]]
+) -> dict[str, AdaptedProjection]:
+    """Wrap a layer's target modules once: {target: (module path, out slice)} -> wrappers."""
+    wrappers: dict[str, AdaptedProjection] = {}
+    for target, (path, out_slice) in targets.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = layer.get_submodule(parent_path) if parent_path else layer
+        module = getattr(parent, attr)
+        if not isinstance(module, AdaptedProjection):
+            module = AdaptedProjection(module)
+            setattr(parent, attr, module)
+        module.add_target(target, out_slice)
+        wrappers[target] = module
+    return wrappers

@@ -1,0 +1,149 @@
+"""The LoRA search space: per-layer random projections z -> low-rank factors.
+
+Each layer l has its own vector z_l of `intrinsic_dim` entries (d = 500 in the paper).
+z_l is split into 2 * len(targets) chunks, in the order A_t, B_t for each target t
+(q, k by default: A_q, B_q, A_k, B_k); each chunk goes through its own fixed random
+linear map (no bias) to a flattened factor, A_t (r, in) and B_t (out, r), so the delta
+of target t is B_t @ A_t and z = 0 is the unmodified model. When d is not divisible by
+the number of chunks the first chunks get one entry more (numpy.array_split sizes).
+
+Projection entries are N(0, s_l^2) with s_l = alpha * sigma_hat_l / (sqrt(d) * sigma)
+(BBTv2's initialisation), sigma_hat_l being the std of layer l's input hidden states
+(see `clipped_std`), layer 0 using the std of the word-embedding matrix. They are drawn
+on the CPU in fp32 from a generator seeded by (seed, layer, chunk), so the same seed
+gives the same space on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dfo_lora.errors import UserError
+
+DEFAULT_TARGETS = ("q", "k")
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """The search space's hyper-parameters (paper defaults)."""
+
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # projections adapted in every layer
+    rank: int = 4  # r of each factor pair; no alpha/r scaling
+    intrinsic_dim: int = 500  # d: entries of z per layer
+    alpha: float = 1.0  # projection std multiplier
+    sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
+    seed: int = 0  # seeds the random projections
+
+    def validate(self) -> None:
+        for name in ("rank", "intrinsic_dim"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        for name in ("alpha", "sigma"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not self.targets:
+            raise UserError("targets: at least one projection is needed (e.g. q,k)")
+        if len(set(self.targets)) != len(self.targets):
+            raise UserError(f"targets: duplicate entries in {','.join(self.targets)}")
+        if self.intrinsic_dim < 2 * len(self.targets):
+            raise UserError(
+                f"intrinsic_dim: {self.intrinsic_dim} is fewer than the "
+                f"{2 * len(self.targets)} chunks of targets {','.join(self.targets)}"
+            )
+
+
+def clipped_std(values: torch.Tensor, rounds: int = 5, width: float = 3.0) -> float:
+    """Std after `rounds` of clipping to mean +- width * std (BBTv2's hidden-state statistic)."""
+    x = values.detach().reshape(-1).float()
+    for _ in range(rounds):
+        mean, std = x.mean(), x.std()
+        x = x.clamp(mean - width * std, mean + width * std)
+    return float(x.std())
+
+
+@dataclass(frozen=True)
+class FactorShape:
+    """One factor pair's shape: A (rank, in_features), B (out_features, rank)."""
+
+    target: str
+    in_features: int
+    out_features: int
+
+
+class LowRankSpace:
+    """Maps each layer's z (d,) to the low-rank factors of its adapted projections."""
+
+    def __init__(
+        self,
+        config: LowRankConfig,
+        shapes: list[FactorShape],
+        sigma_hat: list[float],
+        device: torch.device,
+    ):
+        config.validate()
+        self.config = config
+        self.shapes = shapes
+        self.sigma_hat = list(sigma_hat)
+        self.device = device
+        self.chunk_sizes = [len(c) for c in np.array_split(np.arange(self.dim), 2 * len(shapes))]
+        self._maps: dict[int, list[torch.Tensor]] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.config.intrinsic_dim
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sigma_hat)
+
+    def projection_std(self, layer: int) -> float:
+        c = self.config
+        return c.alpha * self.sigma_hat[layer] / (np.sqrt(c.intrinsic_dim) * c.sigma)
+
+    def maps(self, layer: int) -> list[torch.Tensor]:
+        """The layer's fixed maps, one (numel, chunk) matrix per factor, built on first use."""
+        if layer not in self._maps:
+            std = self.projection_std(layer)
+            mats = []
+            for index, (numel, width) in enumerate(self._factor_sizes()):
+                gen = torch.Generator().manual_seed(
+                    (self.config.seed * 1_000_003 + layer * 1_009 + index) % (2**63)
+                )
+                mat = torch.randn(numel, width, generator=gen, dtype=torch.float32) * std
+                mats.append(mat.to(self.device))
+            self._maps[layer] = mats
+        return self._maps[layer]
+
+    def _factor_sizes(self) -> list[tuple[int, int]]:
+        r = self.config.rank
+        sizes = []
+        for shape, (wa, wb) in zip(self.shapes, _pairs(self.chunk_sizes), strict=True):
+            sizes += [(r * shape.in_features, wa), (shape.out_features * r, wb)]
+        return sizes
+
+    def factors(
+        self, layer: int, z: torch.Tensor, dtype: torch.dtype
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """z (P, d) -> {target: (A (P, r, in), B (P, out, r))} in the model's dtype."""
+        z = z.to(self.device, torch.float32)
+        pieces = torch.split(z, self.chunk_sizes, dim=1)
+        mats = self.maps(layer)
+        r = self.config.rank
+        out = {}
+        for i, shape in enumerate(self.shapes):
+            a = (pieces[2 * i] @ mats[2 * i].T).view(-1, r, shape.in_features)
+            b = (pieces[2 * i + 1] @ mats[2 * i + 1].T).view(-1, shape.out_features, r)
+            out[shape.target] = (a.to(dtype), b.to(dtype))
+        return out
+
+    def deltas(self, layer: int, z: np.ndarray) -> dict[str, torch.Tensor]:
+        """Dense fp32 deltas B @ A (out, in) of one z (d,), for export and reference checks."""
+        factors = self.factors(layer, torch.as_tensor(z).reshape(1, -1), torch.float32)
+        return {t: (b[0] @ a[0]) for t, (a, b) in factors.items()}
+
+
+def _pairs(seq: list[int]) -> list[tuple[int, int]]:
+    return [(seq[i], seq[i + 1]) for i in range(0, len(seq), 2)]

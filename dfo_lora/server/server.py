@@ -1,0 +1,309 @@
+"""The evaluation server: a frozen model that scores whole populations of z vectors.
+
+It owns the model and the tokenized splits on one device. Its API takes and returns
+numpy arrays and plain dicts, so the same object runs in-process or as a Ray actor:
+
+    score(layer, Z[P, d]) -> {"loss": (P,), "accuracy": (P,)}
+    commit(layer, z[d])          # the layer's current best; all other layers stay fixed
+    evaluate(split) -> {"accuracy": ..., "loss": ..., ...}
+
+What makes `score` fast (DESIGN.md §4), each exact up to dtype rounding:
+- prefix cache: the train set's input to every layer under the committed state is
+  kept; scoring layer l runs only layers l..L-1; a commit at layer j invalidates the
+  cache above j only;
+- population batching: candidates are stacked into one batch (P' blocks of n sequences)
+  and their low-rank deltas applied by batched matmuls; P' is chosen so a chunk holds
+  at most `max_tokens` tokens, which bounds memory;
+- shared first step: at layer l the base projections of the layer input run once;
+- verbalizer-only logits, at the slot position only;
+- length buckets: little padding (right padding; causal models need no padding mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dfo_lora.backbone import Backbone
+from dfo_lora.errors import UserError
+from dfo_lora.lowrank import (
+    AdaptedProjection,
+    FactorShape,
+    LowRankConfig,
+    LowRankSpace,
+    clipped_std,
+    install_adapters,
+)
+from dfo_lora.server.batching import Bucket, make_buckets
+from dfo_lora.server.losses import LOSSES, per_example_loss
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Performance knobs; none of them changes a result beyond dtype rounding."""
+
+    max_tokens: int = 16384  # padded tokens per stacked chunk (candidates x examples)
+    bucket_call_cost: int = 64  # padding tokens worth one more forward call, for bucketing
+    max_buckets: int = 8  # length buckets per split at most
+    prefix_cache: bool = True  # reuse layer inputs below the searched layer
+
+    def validate(self) -> None:
+        for name in ("max_tokens", "max_buckets"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+
+
+class EvaluationServer:
+    """Scores populations of low-rank candidates on a frozen backbone."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        splits: dict[str, list],
+        verbalizer_ids: list[int],
+        metric: str = "accuracy",
+        space: LowRankConfig | None = None,
+        loss: str = "ce",
+        options: ServerOptions | None = None,
+    ):
+        if loss not in LOSSES:
+            raise UserError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
+        if not splits.get("train"):
+            raise UserError("train split is empty: nothing to score")
+        self.backbone = backbone
+        self.model = backbone.model
+        self.arch = backbone.arch
+        self.layers = self.arch.layers(self.model)
+        self.loss_name = loss
+        self.metric = metric
+        self.options = options or ServerOptions()
+        self.options.validate()
+        space = space or LowRankConfig()
+        space.validate()
+        self.verbalizer = torch.tensor(verbalizer_ids, device=backbone.device)
+        pad_id = _pad_id(backbone.tokenizer)
+        self.buckets: dict[str, list[Bucket]] = {
+            name: make_buckets(
+                examples,
+                pad_id,
+                backbone.device,
+                self.options.bucket_call_cost,
+                self.options.max_buckets,
+            )
+            for name, examples in splits.items()
+        }
+        self.split_sizes = {name: len(examples) for name, examples in splits.items()}
+        self._reads_input: dict[str, bool] = {}
+        self.adapted = self._install(space.targets)
+        shapes = [  # the same in every layer
+            FactorShape(t, *self.adapted[0][t].target_shape(t)) for t in space.targets
+        ]
+        self._stack_inputs = {
+            id(b): self.arch.stack_inputs(self.model, b.input_ids, b.attention_mask)
+            for buckets in self.buckets.values()
+            for b in buckets
+        }
+        self.z = np.zeros((self.num_layers, space.intrinsic_dim))
+        self._cache: list[list[torch.Tensor] | None] = [None] * (self.num_layers + 1)
+        self._cache[0] = self._embed("train")
+        self._valid_upto = 0
+        self.space = LowRankSpace(space, shapes, self._sigma_hat(), backbone.device)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dim(self) -> int:
+        return self.space.dim
+
+    def info(self) -> dict:
+        """Plain facts about this server, for the search loop and logs."""
+        train = self.buckets["train"]
+        return {
+            "model": self.backbone.name,
+            "num_layers": self.num_layers,
+            "dim": self.dim,
+            "dtype": str(self.backbone.dtype).replace("torch.", ""),
+            "device": str(self.backbone.device),
+            "split_sizes": dict(self.split_sizes),
+            "train_tokens": sum(b.real_tokens for b in train),
+            "train_padded_tokens": sum(b.size * b.length for b in train),
+            "sigma_hat": list(self.space.sigma_hat),
+        }
+
+    # ------------------------------------------------------------------ set-up
+    def _install(self, targets: tuple[str, ...]) -> list[dict[str, AdaptedProjection]]:
+        """Wrap each layer's target projections; fused modules get one wrapper for all."""
+        paths = {}
+        for target in targets:
+            proj = self.arch.projection(self.model, target)
+            paths[target] = (proj.module, proj.out_slice)
+            self._reads_input[target] = proj.reads_layer_input
+        return [install_adapters(layer, paths) for layer in self.layers]
+
+    @torch.inference_mode()
+    def _embed(self, split: str) -> list[torch.Tensor]:
+        return [self.arch.embed(self.model, b.input_ids) for b in self.buckets[split]]
+
+    @torch.inference_mode()
+    def _sigma_hat(self) -> list[float]:
+        """Per-layer std of input hidden states (real tokens, clipped); layer 0: embeddings."""
+        sigma = [clipped_std(self.arch.word_embeddings(self.model))]
+        self._advance_cache(self.num_layers - 1)  # the zero state's inputs to every layer
+        masks = [b.attention_mask.bool() for b in self.buckets["train"]]
+        for layer in range(1, self.num_layers):
+            real = torch.cat([h[m] for h, m in zip(self._cache[layer], masks, strict=True)])
+            sigma.append(clipped_std(real))
+        return sigma
+
+    # ------------------------------------------------------------------ state
+    def commit(self, layer: int, z: np.ndarray) -> None:
+        """Fix layer `layer` at z; layers above see it from now on."""
+        z = np.asarray(z, dtype=np.float64).reshape(self.dim)
+        if np.array_equal(z, self.z[layer]):
+            return
+        self.z[layer] = z
+        if np.any(z):
+            factors = self.space.factors(layer, torch.from_numpy(z)[None], self.backbone.dtype)
+            for target, (a, b) in factors.items():
+                self.adapted[layer][target].set_committed(target, (a[0], b[0]))
+        else:
+            for target, wrapper in self.adapted[layer].items():
+                wrapper.set_committed(target, None)
+        self._valid_upto = min(self._valid_upto, layer)
+
+    def set_state(self, z: np.ndarray) -> None:
+        """Commit every layer at once: z (L, d)."""
+        z = np.asarray(z, dtype=np.float64)
+        if z.shape != self.z.shape:
+            raise UserError(f"state: expected z of shape {self.z.shape}, got {z.shape}")
+        for layer in range(self.num_layers):
+            self.commit(layer, z[layer])
+
+    def get_state(self) -> np.ndarray:
+        return self.z.copy()
+
+    # ------------------------------------------------------------------ scoring
+    @torch.inference_mode()
+    def _advance_cache(self, layer: int) -> list[torch.Tensor]:
+        """Train-set input to `layer` under the committed state, reusing what is valid."""
+        if not self.options.prefix_cache:
+            self._valid_upto = 0
+        while self._valid_upto < layer:
+            j = self._valid_upto
+            self._cache[j + 1] = [
+                self.arch.run_layer(self.layers[j], h, self._stack_inputs[id(b)])
+                for h, b in zip(self._cache[j], self.buckets["train"], strict=True)
+            ]
+            self._valid_upto = j + 1
+        return self._cache[layer]
+
+    @torch.inference_mode()
+    def score(self, layer: int, candidates: np.ndarray) -> dict[str, np.ndarray]:
+        """Train loss and accuracy of each candidate z for `layer`, others at their commits."""
+        cand = np.asarray(candidates, dtype=np.float64)
+        if cand.ndim != 2 or cand.shape[1] != self.dim:
+            raise UserError(f"candidates: expected shape (P, {self.dim}), got {cand.shape}")
+        if not 0 <= layer < self.num_layers:
+            raise UserError(f"layer: {layer} is outside 0..{self.num_layers - 1}")
+        num = cand.shape[0]
+        factors = self.space.factors(layer, torch.from_numpy(cand), self.backbone.dtype)
+        inputs = self._advance_cache(layer)
+        loss_sum = torch.zeros(num, dtype=torch.float64)
+        correct = torch.zeros(num, dtype=torch.float64)
+        for h0, bucket in zip(inputs, self.buckets["train"], strict=True):
+            per_chunk = max(1, self.options.max_tokens // (bucket.size * bucket.length))
+            for start in range(0, num, per_chunk):
+                stop = min(num, start + per_chunk)
+                chunk = {t: (a[start:stop], b[start:stop]) for t, (a, b) in factors.items()}
+                logits = self._candidate_logits(layer, h0, bucket, chunk, stop - start)
+                labels = bucket.labels.expand(stop - start, -1)  # (P', n)
+                losses = per_example_loss(self.loss_name, logits, labels)  # (P', n)
+                loss_sum[start:stop] += _worst_if_nan(losses).sum(1).double().cpu()
+                correct[start:stop] += (logits.argmax(-1) == labels).sum(1).double().cpu()
+        n = self.split_sizes["train"]
+        return {"loss": (loss_sum / n).numpy(), "accuracy": (correct / n).numpy()}
+
+    def _candidate_logits(self, layer, h0, bucket, chunk, num) -> torch.Tensor:
+        """Run layers layer..L-1 for `num` stacked candidates; verbalizer logits (P', n, C)."""
+        modules = _group_by_module(self.adapted[layer], chunk)
+        for module, factors in modules:
+            shared = all(self._reads_input[t] for t in factors)
+            module.set_candidates(factors, shared_input=shared)
+        try:
+            hidden = h0.repeat(num, 1, 1)  # (P'*n, T, H)
+            inputs = self._stack_inputs[id(bucket)].repeat(num)
+            for j in range(layer, self.num_layers):
+                hidden = self.arch.run_layer(self.layers[j], hidden, inputs)
+        finally:
+            for module, _ in modules:
+                module.clear_candidates()
+        slots = bucket.slots.repeat(num)
+        at_slot = hidden[torch.arange(hidden.shape[0], device=hidden.device), slots]  # (P'*n, H)
+        logits = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
+        return logits.view(num, bucket.size, -1)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.inference_mode()
+    def predict(self, split: str) -> dict[str, np.ndarray]:
+        """Verbalizer logits (N, C) and labels of a split under the committed state."""
+        if split not in self.buckets:
+            raise UserError(f"split: {split!r} is not loaded (have {', '.join(self.buckets)})")
+        n = self.split_sizes[split]
+        logits = np.zeros((n, len(self.verbalizer)), dtype=np.float32)
+        labels = np.zeros(n, dtype=np.int64)
+        for bucket in self.buckets[split]:
+            per_chunk = max(1, self.options.max_tokens // bucket.length)
+            for start in range(0, bucket.size, per_chunk):
+                rows = slice(start, start + per_chunk)
+                ids = bucket.input_ids[rows]
+                hidden = self.arch.embed(self.model, ids)
+                inputs = self.arch.stack_inputs(self.model, ids, bucket.attention_mask[rows])
+                for layer in self.layers:
+                    hidden = self.arch.run_layer(layer, hidden, inputs)
+                at_slot = hidden[
+                    torch.arange(hidden.shape[0], device=hidden.device), bucket.slots[rows]
+                ]
+                out = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
+                logits[bucket.order[rows]] = out.float().cpu().numpy()
+                labels[bucket.order[rows]] = bucket.labels[rows].cpu().numpy()
+        return {"logits": logits, "labels": labels}
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metric(s) and mean loss of a split under the committed state."""
+        from dfo_lora.tasks import compute_metric
+
+        out = self.predict(split)
+        logits, labels = torch.from_numpy(out["logits"]), torch.from_numpy(out["labels"])
+        metrics = compute_metric(self.metric, logits.argmax(-1).numpy(), out["labels"])
+        loss = _worst_if_nan(per_example_loss(self.loss_name, logits, labels)).mean()
+        return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss)}
+
+
+WORST_LOSS = 1e4  # a NaN/inf loss counts as this (worse than any real CE/hinge value)
+
+
+def _worst_if_nan(losses: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(losses, nan=WORST_LOSS, posinf=WORST_LOSS, neginf=WORST_LOSS)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _group_by_module(
+    wrappers: dict[str, AdaptedProjection], factors: dict[str, tuple]
+) -> list[tuple[AdaptedProjection, dict[str, tuple]]]:
+    """Candidates' factors grouped per wrapped module (fused q/k/v share one module)."""
+    groups: dict[int, tuple[AdaptedProjection, dict]] = {}
+    for target, pair in factors.items():
+        module = wrappers[target]
+        groups.setdefault(id(module), (module, {}))[1][target] = pair
+    return list(groups.values())

@@ -1,0 +1,178 @@
+"""The server's fast paths give the losses of plain HF forwards with merged weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dfo_lora.lowrank import LowRankConfig, clipped_std
+from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
+from tests.tiny_models import merged_reference_logits, random_examples, tiny_model
+
+ARCHS = ["llama", "gpt2", "roberta", "bert"]
+VERBALIZER = [7, 11, 13]
+RTOL = 1e-4
+
+
+def make_server(arch, targets=("q", "k"), options=None, loss="ce", n_train=10, seed=0):
+    backbone = tiny_model(arch, seed)
+    splits = {
+        "train": random_examples(backbone, n_train, seed=1),
+        "dev": random_examples(backbone, 7, seed=2),
+    }
+    space = LowRankConfig(targets=targets, rank=4, intrinsic_dim=40, alpha=3.0, sigma=1.0, seed=3)
+    server = EvaluationServer(backbone, splits, VERBALIZER, space=space, loss=loss, options=options)
+    return server, splits
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def reference_losses(server, z_state, layer, candidates, examples, loss="ce"):
+    out = []
+    labels = torch.tensor([ex.label for ex in examples])
+    for cand in candidates:
+        z = z_state.copy()
+        z[layer] = cand
+        logits = merged_reference_logits(server, z, examples, VERBALIZER)
+        out.append(float(per_example_loss(loss, logits, labels).mean()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("targets", [("q", "k"), ("v", "o")])
+def test_score_equals_merged_hf_forward(arch, targets):
+    server, splits = make_server(arch, targets)
+    rng = np.random.default_rng(0)
+    # Commit other layers first so the check covers committed deltas above and below.
+    server.commit(0, rng.normal(size=server.dim))
+    server.commit(2, rng.normal(size=server.dim))
+    layer = 1
+    cands = rng.normal(size=(5, server.dim))
+    got = server.score(layer, cands)["loss"]
+    want = reference_losses(server, server.get_state(), layer, cands, splits["train"])
+    assert rel_err(got, want) <= RTOL, (got, want)
+    assert np.ptp(got) > 1e-4  # the candidates really differ
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_and_mlp_targets(arch):
+    targets = ("q", "k", "v", "o", "gate", "down") if arch == "llama" else ("q", "v", "o", "fc")
+    server, splits = make_server(arch, targets)
+    rng = np.random.default_rng(1)
+    cands = rng.normal(size=(3, server.dim))
+    got = server.score(0, cands)["loss"]
+    want = reference_losses(server, server.get_state(), 0, cands, splits["train"])
+    assert rel_err(got, want) <= RTOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_equals_uncached_and_chunked_equals_unchunked(arch):
+    rng = np.random.default_rng(2)
+    commits = {0: rng.normal(size=40), 1: rng.normal(size=40)}
+    cands = rng.normal(size=(6, 40))
+    results = {}
+    for name, options in {
+        "cached": ServerOptions(),
+        "uncached": ServerOptions(prefix_cache=False),
+        "chunked": ServerOptions(max_tokens=20, max_buckets=1),
+        "one_bucket_per_length": ServerOptions(max_buckets=64, bucket_call_cost=0),
+    }.items():
+        server, _ = make_server(arch, options=options)
+        for layer, z in commits.items():
+            server.commit(layer, z)
+        # Score an upper layer first, then a lower one after a commit below it: the cache
+        # must be invalidated and rebuilt correctly.
+        first = server.score(2, cands)["loss"]
+        server.commit(0, commits[0] * 0.5)
+        second = server.score(1, cands)["loss"]
+        results[name] = np.concatenate([first, second])
+    for name in ("uncached", "chunked", "one_bucket_per_length"):
+        assert rel_err(results[name], results["cached"]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_vector_is_the_unmodified_model(arch):
+    server, splits = make_server(arch)
+    zero = np.zeros((1, server.dim))
+    got = server.score(1, zero)["loss"][0]
+    labels = torch.tensor([ex.label for ex in splits["train"]])
+    logits = merged_reference_logits(server, server.get_state(), splits["train"], VERBALIZER)
+    want = float(per_example_loss("ce", logits, labels).mean())
+    assert abs(got - want) <= RTOL * abs(want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "roberta"])
+def test_predict_matches_reference_after_commits(arch):
+    server, splits = make_server(arch)
+    rng = np.random.default_rng(3)
+    for layer in range(server.num_layers):
+        server.commit(layer, rng.normal(size=server.dim))
+    got = server.predict("dev")["logits"]
+    want = merged_reference_logits(server, server.get_state(), splits["dev"], VERBALIZER)
+    assert rel_err(got, want.numpy()) <= RTOL
+
+
+@pytest.mark.parametrize("loss", ["hinge", "neg_acc"])
+def test_other_losses_match_reference(loss):
+    server, splits = make_server("llama", loss=loss)
+    cands = np.random.default_rng(4).normal(size=(4, server.dim))
+    got = server.score(2, cands)["loss"]
+    want = reference_losses(server, server.get_state(), 2, cands, splits["train"], loss=loss)
+    assert np.allclose(got, want, atol=1e-5)
+
+
+def test_score_accuracy_is_train_accuracy():
+    server, splits = make_server("gpt2")
+    cands = np.random.default_rng(5).normal(size=(3, server.dim)) * 3
+    acc = server.score(0, cands)["accuracy"]
+    labels = np.array([ex.label for ex in splits["train"]])
+    for i, cand in enumerate(cands):
+        z = server.get_state()
+        z[0] = cand
+        logits = merged_reference_logits(server, z, splits["train"], VERBALIZER)
+        assert acc[i] == pytest.approx(float(np.mean(logits.argmax(-1).numpy() == labels)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_projection_std_follows_hidden_state_statistics(arch):
+    server, splits = make_server(arch, n_train=12)
+    backbone = server.backbone
+    # sigma_hat: layer 0 from the word embeddings, layer l from its input hidden states.
+    net = backbone.model
+    want = [clipped_std(backbone.arch.word_embeddings(net))]
+    with torch.no_grad():
+        ids = [torch.tensor([ex.input_ids]) for ex in splits["train"]]
+        states = [net(input_ids=i, output_hidden_states=True).hidden_states for i in ids]
+    for layer in range(1, server.num_layers):
+        real = torch.cat([s[layer][0] for s in states])
+        want.append(clipped_std(real))
+    assert np.allclose(server.space.sigma_hat, want, rtol=1e-4)
+    c = server.space.config
+    for layer in range(server.num_layers):
+        expected = c.alpha * want[layer] / (np.sqrt(c.intrinsic_dim) * c.sigma)
+        assert server.space.projection_std(layer) == pytest.approx(expected, rel=1e-4)
+        entries = torch.cat([m.reshape(-1) for m in server.space.maps(layer)])
+        assert float(entries.std()) == pytest.approx(expected, rel=0.05)
+
+
+def test_clipped_std_clips_outliers():
+    x = torch.cat(
+        [torch.randn(10000, generator=torch.Generator().manual_seed(0)), torch.tensor([1e4])]
+    )
+    assert clipped_std(x) == pytest.approx(1.0, rel=0.05)
+    assert float(x.std()) > 50
+
+
+def test_projection_is_seeded_and_independent_of_build_order():
+    server_a, _ = make_server("llama")
+    server_b, _ = make_server("llama")
+    maps_a = {layer: server_a.space.maps(layer) for layer in (2, 0, 1)}
+    maps_b = {layer: server_b.space.maps(layer) for layer in (0, 1, 2)}
+    for layer in range(3):
+        for ma, mb in zip(maps_a[layer], maps_b[layer], strict=True):
+            assert torch.equal(ma, mb)
+    assert not torch.equal(maps_a[0][0], maps_a[1][0])

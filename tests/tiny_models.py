@@ -1,0 +1,124 @@
+"""Tiny random models of each supported architecture, built from config (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
+
+from dfo_lora.backbone import prepare_backbone
+from dfo_lora.lowrank import merge_delta
+
+VOCAB = 96
+PAD = 1  # RoBERTa's padding_idx; used as the pad id for every tiny model
+MASK = 4
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    slot: int
+    label: int
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    # A larger init than HF's 0.02 so that low-rank deltas visibly change the outputs.
+    common = dict(vocab_size=VOCAB, pad_token_id=PAD, initializer_range=0.2)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
+        net = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
+        net = GPT2LMHeadModel(cfg)
+    elif arch == "roberta":
+        cfg = RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=80,
+            **common,
+        )
+        net = RobertaForMaskedLM(cfg)
+    elif arch == "bert":
+        cfg = BertConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            **common,
+        )
+        net = BertForMaskedLM(cfg)
+    else:
+        raise ValueError(arch)
+    net.config._attn_implementation = "sdpa"
+    net = net.float()
+    tok = SimpleNamespace(pad_token_id=PAD, eos_token_id=PAD)
+    return prepare_backbone(net, tok, f"tiny-{arch}", torch.device("cpu"))
+
+
+def random_examples(backbone, n: int, seed: int, min_len=4, max_len=14) -> list[Encoded]:
+    """Random token sequences; masked LMs get a mask token at a random slot."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        ids = [int(t) for t in rng.integers(5, VOCAB, size=length)]
+        if backbone.causal:
+            slot = length - 1
+        else:
+            slot = int(rng.integers(1, length - 1))
+            ids[slot] = MASK
+        examples.append(Encoded(ids, slot, i % 2))
+    return examples
+
+
+def merged_reference_logits(
+    server, z: np.ndarray, examples: list[Encoded], verbalizer
+) -> torch.Tensor:
+    """Plain HF forwards, one example at a time, with every layer's delta merged into a copy."""
+    backbone = server.backbone
+    net = copy.deepcopy(backbone.model)
+    # Unwrap the adapters in the copy so its forward is the stock HF one.
+    for layer_index, layer in enumerate(backbone.arch.layers(net)):
+        for target in server.space.config.targets:
+            proj = backbone.arch.projection(net, target)
+            parent_path, _, attr = proj.module.rpartition(".")
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+            wrapped = getattr(parent, attr)
+            if hasattr(wrapped, "base"):
+                setattr(parent, attr, wrapped.base)
+        deltas = server.space.deltas(layer_index, z[layer_index])
+        for target, delta in deltas.items():
+            proj = backbone.arch.projection(net, target)
+            merge_delta(layer.get_submodule(proj.module), delta, proj.out_slice)
+    rows = []
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex.input_ids])
+            out = net(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            rows.append(out[0, ex.slot, verbalizer])
+    return torch.stack(rows)
