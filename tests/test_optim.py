@@ -5,7 +5,10 @@ NaN/inf losses, and one-line UserErrors for bad parameters."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -411,3 +414,12 @@ def test_optimizer_config_builds_and_validates():
     assert OptimizerConfig().build(5).name == "cma"
     with pytest.raises(UserError, match="bbfwa.cx: unknown option"):
         OptimizerConfig(name="bbfwa", options={"cx": 1}).validate()
+
+
+def test_optimizers_never_import_torch():
+    code = (
+        "import sys, dfo_lora.optim, dfo_lora.optim.cma_es, dfo_lora.optim.fireworks;"
+        "sys.exit('torch' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
