@@ -1,6 +1,23 @@
-"""dfo-lora: derivative-free optimization of low-rank adapters with forward passes only."""
+"""dfo-lora: derivative-free optimization of low-rank adapters with forward passes only.
+
+from dfo_lora import TuneConfig, tune
+results = tune(TuneConfig(task="mr", budget=600), out="runs/mr")
+"""
 
 from dfo_lora.errors import UserError
 
-__all__ = ["UserError"]
+__all__ = ["TuneConfig", "UserError", "load_config", "tune"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `import dfo_lora` stays cheap (no torch) until the API is used.
+    if name in ("TuneConfig", "load_config"):
+        from dfo_lora import config
+
+        return getattr(config, name)
+    if name == "tune":
+        from dfo_lora.search.run import tune
+
+        return tune
+    raise AttributeError(name)

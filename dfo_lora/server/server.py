@@ -67,6 +67,7 @@ class EvaluationServer:
         space: LowRankConfig | None = None,
         loss: str = "ce",
         options: ServerOptions | None = None,
+        notes: list[str] | None = None,
     ):
         if loss not in LOSSES:
             raise UserError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
@@ -78,6 +79,7 @@ class EvaluationServer:
         self.layers = self.arch.layers(self.model)
         self.loss_name = loss
         self.metric = metric
+        self.notes = [n for n in (notes or []) if n]
         self.options = options or ServerOptions()
         self.options.validate()
         space = space or LowRankConfig()
@@ -133,7 +135,17 @@ class EvaluationServer:
             "train_tokens": sum(b.real_tokens for b in train),
             "train_padded_tokens": sum(b.size * b.length for b in train),
             "sigma_hat": list(self.space.sigma_hat),
+            "metric": self.metric,
+            "notes": list(self.notes),
         }
+
+    def peak_memory(self) -> int:
+        """Peak bytes: GPU allocations on CUDA, else the process's RSS high-water mark."""
+        if self.backbone.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.backbone.device))
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
     # ------------------------------------------------------------------ set-up
     def _install(self, targets: tuple[str, ...]) -> list[dict[str, AdaptedProjection]]:

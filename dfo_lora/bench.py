@@ -1,0 +1,278 @@
+"""`dfo-lora bench`: the server against a naive loop, measured in the same run.
+
+What is measured (all in one process, same model, data and dtype):
+
+- server: one full round of the paper's schedule (every layer once, bottom-up: score
+  P candidates, commit the best), wall time -> candidate evaluations/s, tokens/s;
+- naive: one plain HF forward per candidate with its factors merged into the weights
+  (padded batch of the whole train set, full-vocabulary logits, like any eval script),
+  `naive_per_layer` candidates at every layer; its cost does not depend on the layer,
+  so this samples the same round at a fraction of its (long) wall time;
+- FLOP/s of the server round (matmul FLOPs counted by torch's FlopCounterMode on the
+  first and last layer's scoring, which brackets every layer linearly) as a fraction
+  of this machine's matmul peak measured in the same run, in fp32 and bf16;
+- peak memory: the RSS high-water mark above the starting RSS, sampled every 2 ms
+  (CPU) or torch.cuda.max_memory_allocated (GPU), for the server round, for the naive
+  loop, and for one plain inference forward (the decoder stack, no LM head) of the
+  same stacked batch (P x N sequences) that the server scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dfo_lora.lowrank import AdaptedProjection, merge_delta
+from dfo_lora.server import EvaluationServer, per_example_loss
+from dfo_lora.server.factory import ServerSpec, build_server
+
+
+@dataclass
+class PeakMemory:
+    bytes: int = 0
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Peak bytes above the starting level while the block runs."""
+    result = PeakMemory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result.bytes = torch.cuda.max_memory_allocated(device) - start
+        return
+    start, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result.bytes = max(peak[0], _rss()) - start
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, seconds=1.0) -> float:
+    """Measured FLOP/s of a square matmul: this machine's practical peak for the dtype."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or runs < 2:
+        a @ b
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def server_round(server: EvaluationServer, popsize: int, rng: np.random.Generator, scale: float):
+    """One round of the paper's schedule; returns the number of evaluations."""
+    for layer in range(server.num_layers):
+        cands = rng.normal(scale=scale, size=(popsize, server.dim))
+        losses = server.score(layer, cands)["loss"]
+        server.commit(layer, cands[int(np.argmin(losses))])
+    return popsize * server.num_layers
+
+
+def count_round_flops(server: EvaluationServer, popsize: int, rng) -> float:
+    """Matmul FLOPs of one round's scoring, from the first and last layer (linear in between)."""
+    counts = []
+    for layer in (0, server.num_layers - 1):
+        cands = rng.normal(size=(popsize, server.dim))
+        with FlopCounterMode(display=False) as counter:
+            server.score(layer, cands)
+        counts.append(counter.get_total_flops())
+    first, last = counts
+    per_layer = (first - last) / max(1, server.num_layers - 1)
+    return sum(last + per_layer * (server.num_layers - 1 - lay) for lay in range(server.num_layers))
+
+
+class NaiveScorer:
+    """One plain HF forward per candidate, its deltas merged into a private model copy."""
+
+    def __init__(self, server: EvaluationServer, plain_model: torch.nn.Module):
+        self.server = server
+        self.model = plain_model
+        self.arch = server.arch
+        buckets = server.buckets["train"]
+        width = max(b.length for b in buckets)
+        pad = int(buckets[0].input_ids[0, -1]) if buckets else 0
+        ids, mask, slots, labels = [], [], [], []
+        for b in buckets:
+            grow = width - b.length
+            ids.append(torch.nn.functional.pad(b.input_ids, (0, grow), value=pad))
+            mask.append(torch.nn.functional.pad(b.attention_mask, (0, grow), value=0))
+            slots.append(b.slots)
+            labels.append(b.labels)
+        self.ids, self.mask = torch.cat(ids), torch.cat(mask)
+        self.slots, self.labels = torch.cat(slots), torch.cat(labels)
+
+    @torch.inference_mode()
+    def score(self, layer: int, z: np.ndarray) -> float:
+        layers = self.arch.layers(self.model)
+        deltas = self.server.space.deltas(layer, z)
+        merged = []
+        for target, delta in deltas.items():
+            proj = self.arch.projection(self.model, target)
+            module = layers[layer].get_submodule(proj.module)
+            merge_delta(module, delta, proj.out_slice)
+            merged.append((module, delta, proj.out_slice))
+        try:
+            logits = self.model(input_ids=self.ids, attention_mask=self.mask).logits
+            rows = logits[torch.arange(len(self.slots)), self.slots][:, self.server.verbalizer]
+            return float(per_example_loss("ce", rows, self.labels).mean())
+        finally:
+            for module, delta, out_slice in merged:
+                merge_delta(module, -delta, out_slice)
+
+
+def plain_model_copy(server: EvaluationServer) -> torch.nn.Module:
+    """A copy of the backbone with the adapter wrappers removed: the stock HF model."""
+    net = copy.deepcopy(server.model)
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, AdaptedProjection):
+                setattr(module, child_name, child.base)
+    del name
+    return net
+
+
+@torch.inference_mode()
+def plain_stacked_forward(server: EvaluationServer, popsize: int) -> None:
+    """One plain decoder-stack forward of the P x N stacked, padded train batch."""
+    buckets = server.buckets["train"]
+    width = max(b.length for b in buckets)
+    ids = torch.cat(
+        [torch.nn.functional.pad(b.input_ids, (0, width - b.length)) for b in buckets]
+    ).repeat(popsize, 1)
+    mask = torch.cat(
+        [torch.nn.functional.pad(b.attention_mask, (0, width - b.length)) for b in buckets]
+    ).repeat(popsize, 1)
+    body = server.model.base_model
+    body(input_ids=ids, attention_mask=mask)
+
+
+def run_bench(
+    spec: ServerSpec,
+    popsize: int = 20,
+    naive_per_layer: int = 1,
+    candidate_scale: float = 1.0,
+    seed: int = 0,
+) -> dict:
+    """All figures of `dfo-lora bench` as one dict."""
+    server = build_server(spec)
+    device, dtype = server.backbone.device, server.backbone.dtype
+    info = server.info()
+    rng = np.random.default_rng(seed)
+
+    with peak_memory(device) as server_mem:
+        start = time.perf_counter()
+        evals = server_round(server, popsize, rng, candidate_scale)
+        server_time = time.perf_counter() - start
+    flops = count_round_flops(server, popsize, np.random.default_rng(seed + 1))
+
+    naive = NaiveScorer(server, plain_model_copy(server))
+    with peak_memory(device) as naive_mem:
+        start = time.perf_counter()
+        naive_evals = 0
+        for layer in range(server.num_layers):
+            for _ in range(naive_per_layer):
+                naive.score(layer, rng.normal(scale=candidate_scale, size=server.dim))
+                naive_evals += 1
+        naive_time = time.perf_counter() - start
+    del naive
+
+    with peak_memory(device) as plain_mem:
+        plain_stacked_forward(server, popsize)
+
+    peaks = {
+        "fp32": matmul_peak(torch.float32, device),
+        "bf16": matmul_peak(torch.bfloat16, device, size=1024 if device.type == "cpu" else 4096),
+    }
+    dtype_name = info["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16")
+    dtype_name = dtype_name.replace("float16", "fp16")
+    achieved = flops / server_time
+    evals_per_s = evals / server_time
+    naive_evals_per_s = naive_evals / naive_time
+    return {
+        "model": spec.model,
+        "task": spec.task,
+        "dtype": dtype_name,
+        "device": info["device"],
+        "popsize": popsize,
+        "n_train": info["split_sizes"]["train"],
+        "num_layers": info["num_layers"],
+        "train_tokens": info["train_tokens"],
+        "train_padded_tokens": info["train_padded_tokens"],
+        "evaluations": evals,
+        "server_time_s": server_time,
+        "evals_per_s": evals_per_s,
+        "tokens_per_s": evals_per_s * info["train_tokens"],
+        "naive_evaluations": naive_evals,
+        "naive_time_s": naive_time,
+        "naive_evals_per_s": naive_evals_per_s,
+        "naive_tokens_per_s": naive_evals_per_s * info["train_tokens"],
+        "speedup": evals_per_s / naive_evals_per_s,
+        "round_flops": flops,
+        "achieved_flops_per_s": achieved,
+        "matmul_peak_flops_per_s": peaks,
+        "peak_fraction": achieved / peaks.get(dtype_name, peaks["fp32"]),
+        "peak_mem_bytes": server_mem.bytes,
+        "naive_peak_mem_bytes": naive_mem.bytes,
+        "plain_stacked_forward_peak_mem_bytes": plain_mem.bytes,
+        "mem_vs_plain_stacked": server_mem.bytes / max(1, plain_mem.bytes),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def format_report(result: dict) -> str:
+    """Human-readable lines for the terminal."""
+    gib = 2**30
+    peaks = result["matmul_peak_flops_per_s"]
+    lines = [
+        f"model {result['model']}  task {result['task']}  dtype {result['dtype']}  "
+        f"device {result['device']}  P={result['popsize']}  N={result['n_train']}  "
+        f"L={result['num_layers']}",
+        f"server : {result['evals_per_s']:.2f} evals/s  {result['tokens_per_s']:.0f} tokens/s  "
+        f"({result['evaluations']} evals, one full round, {result['server_time_s']:.1f} s)",
+        f"naive  : {result['naive_evals_per_s']:.2f} evals/s  "
+        f"{result['naive_tokens_per_s']:.0f} tokens/s  ({result['naive_evaluations']} evals)",
+        f"speedup: {result['speedup']:.2f}x",
+        f"FLOP/s : {result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+        f"{100 * result['peak_fraction']:.0f}% of {result['dtype']} matmul peak "
+        f"(fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s)",
+        f"memory : server {result['peak_mem_bytes'] / gib:.2f} GiB, naive "
+        f"{result['naive_peak_mem_bytes'] / gib:.2f} GiB, plain stacked forward "
+        f"{result['plain_stacked_forward_peak_mem_bytes'] / gib:.2f} GiB "
+        f"(ratio {result['mem_vs_plain_stacked']:.2f})",
+    ]
+    return "\n".join(lines)
+
+
+def main_json(result: dict) -> str:
+    return json.dumps(result, sort_keys=True)

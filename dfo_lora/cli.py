@@ -1,0 +1,254 @@
+"""`dfo-lora tune | eval | tasks | bench`.
+
+Every `tune` option is a TuneConfig field (see `dfo-lora tune --help`); `--config FILE`
+loads YAML first and options given on the command line override it. Bad input prints
+one line, `error: ...`, and exits with code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from dfo_lora.config import FIELD_TYPES, TuneConfig, coerce, load_config
+from dfo_lora.errors import UserError
+
+GROUPS = {
+    "model and data": [
+        "model",
+        "task",
+        "data_dir",
+        "k",
+        "seed",
+        "test_limit",
+        "max_length",
+        "dtype",
+        "device",
+    ],
+    "search space": ["targets", "rank", "intrinsic_dim", "alpha", "sigma", "loss"],
+    "search": [
+        "optimizer",
+        "fwa_variant",
+        "hybrid_mode",
+        "popsize",
+        "budget",
+        "generations_per_visit",
+        "layer_order",
+        "commit",
+        "eval_every",
+        "checkpoint_every_s",
+    ],
+    "performance": ["max_tokens", "max_buckets", "prefix_cache"],
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line with exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TuneConfig field, grouped, with the field's help and default."""
+    by_name = {f.name: f for f in fields(TuneConfig)}
+    defaults = TuneConfig()
+    for title, names in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            default = getattr(defaults, name)
+            if isinstance(default, list):
+                default = ",".join(default)
+            help_text = f"{by_name[name].metadata['help']} (default: {default})"
+            group.add_argument(
+                _flag(name), dest=name, default=None, metavar=_metavar(name), help=help_text
+            )
+    missing = set(by_name) - {n for names in GROUPS.values() for n in names}
+    assert not missing, f"config fields without a CLI group: {missing}"
+
+
+def _metavar(name: str) -> str:
+    kind = FIELD_TYPES[name]
+    text = getattr(kind, "__name__", str(kind)).upper()
+    return "LIST" if "list" in str(kind) else text.replace(" | NONE", "")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="dfo-lora",
+        description="Derivative-free optimization of LoRA (C-LoRA / F-LoRA), forward passes only.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    tune = sub.add_parser("tune", help="tune a model on a few-shot task")
+    tune.add_argument(
+        "--config", metavar="FILE", help="YAML config; command-line options override it"
+    )
+    tune.add_argument("--out", metavar="DIR", help="output folder (default: runs/<task>-<seed>)")
+    tune.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_options(tune)
+
+    ev = sub.add_parser("eval", help="score a finished run's tuned state on a split")
+    ev.add_argument("run", metavar="RUN_DIR", help="output folder of `dfo-lora tune`")
+    ev.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    ev.add_argument("--zero-shot", action="store_true", help="score the unmodified model instead")
+    ev.add_argument("--data-dir", default=None, help="override the run's data folder")
+
+    tasks = sub.add_parser("tasks", help="list tasks with templates, verbalizers and data source")
+    tasks.add_argument("--json", action="store_true", help="one JSON object per task")
+
+    bench = sub.add_parser("bench", help="server vs naive loop, FLOP/s, memory (same run)")
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--task", default="sst2")
+    bench.add_argument("--data-dir", default=None)
+    bench.add_argument("--k", type=int, default=16)
+    bench.add_argument("--seed", type=int, default=42)
+    bench.add_argument("--popsize", type=int, default=20)
+    bench.add_argument("--dtype", default="auto")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--targets", default="q,k")
+    bench.add_argument("--max-tokens", type=int, default=16384)
+    bench.add_argument("--naive-per-layer", type=int, default=1, help="naive candidates per layer")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def cmd_tune(args) -> int:
+    from dfo_lora.search.run import tune
+
+    overrides = {
+        name: getattr(args, name) for name in FIELD_TYPES if getattr(args, name, None) is not None
+    }
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.out and Path(args.out) != run_dir:
+            raise UserError("resume: --out and --resume name different folders")
+        config = None
+        if args.config or overrides:
+            base = (
+                load_config(run_dir / "config.yaml")
+                if (run_dir / "config.yaml").is_file()
+                else None
+            )
+            values = base.to_dict() if base else {}
+            if args.config:
+                from dfo_lora.config import read_yaml_mapping
+
+                values.update(read_yaml_mapping(Path(args.config)))
+            values.update(overrides)
+            config = load_config(None, values)
+        results = tune(config, run_dir, resume=True, progress=not args.quiet)
+        out = run_dir
+    else:
+        config = load_config(args.config, overrides)
+        out = (
+            Path(args.out) if args.out else Path("runs") / f"{Path(config.task).stem}-{config.seed}"
+        )
+        results = tune(config, out, overwrite=args.overwrite, progress=not args.quiet)
+    print(summary(results, out))
+    return 0
+
+
+def summary(results: dict, out: Path) -> str:
+    metric = results["metric"]
+    zs, tuned = results["zero_shot"], results["tuned"]
+    return (
+        f"zero-shot: dev {metric} {zs['dev'][metric]:.4f}  test {metric} {zs['test'][metric]:.4f}\n"
+        f"tuned    : dev {metric} {tuned['dev'][metric]:.4f}  test {metric} {tuned['test'][metric]:.4f}"
+        f"  (best dev after {results['best_dev_evals']} of {results['evaluations']} evaluations, "
+        f"{results['wall_time_s']:.0f} s)\nresults in {out}/results.json"
+    )
+
+
+def cmd_eval(args) -> int:
+    from dfo_lora.search.run import load_tuned
+    from dfo_lora.server.factory import build_server
+
+    run_dir = Path(args.run)
+    z, config = load_tuned(run_dir)
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    server = build_server(config.server_spec())
+    if not args.zero_shot:
+        server.set_state(z)
+    metrics = server.evaluate(args.split)
+    print(json.dumps({"split": args.split, "zero_shot": args.zero_shot, **metrics}, sort_keys=True))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from dfo_lora.tasks import list_tasks
+
+    for spec in list_tasks():
+        row = {
+            "name": spec.name,
+            "labels": list(spec.label_names),
+            "verbalizer": list(spec.verbalizer),
+            "causal_verbalizer": list(spec.words(True)),
+            "mlm_template": spec.mlm_template,
+            "clm_template": spec.clm_template,
+            "metric": spec.metric,
+            "data": spec.description,
+        }
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(f"{spec.name:14s} {spec.description}")
+            print(f"  labels      : {', '.join(spec.label_names)}  (metric: {spec.metric})")
+            print(f"  masked LM   : {spec.mlm_template!r} -> {', '.join(spec.verbalizer)}")
+            print(f"  causal LM   : {spec.clm_template!r} -> {', '.join(spec.words(True))}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from dfo_lora.bench import format_report, run_bench
+    from dfo_lora.lowrank import LowRankConfig
+    from dfo_lora.server import ServerOptions
+    from dfo_lora.server.factory import ServerSpec
+
+    targets = tuple(coerce("targets", args.targets))
+    spec = ServerSpec(
+        model=args.model,
+        task=args.task,
+        data_dir=args.data_dir,
+        k=args.k,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        test_limit=1,
+        space=LowRankConfig(targets=targets, seed=args.seed),
+        options=ServerOptions(max_tokens=args.max_tokens),
+    )
+    if args.popsize < 1:
+        raise UserError(f"popsize: must be a positive integer, got {args.popsize}")
+    result = run_bench(spec, popsize=args.popsize, naive_per_layer=args.naive_per_layer)
+    print(json.dumps(result, sort_keys=True) if args.json else format_report(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"tune": cmd_tune, "eval": cmd_eval, "tasks": cmd_tasks, "bench": cmd_bench}
+    try:
+        return commands[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

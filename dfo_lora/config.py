@@ -1,0 +1,231 @@
+"""One typed config for a tuning run: defaults, YAML loading, CLI overrides, validation.
+
+Defaults are the paper's (DESIGN.md §2): C-LoRA on q and k, r = 4, d = 500, popsize 20,
+budget 8000, alpha = sigma = 1, cross-entropy, one generation per layer per visit,
+bottom-up, commit the best-ever candidate. Every value is validated with a message that
+names the field; an unknown key gets a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from dfo_lora.errors import UserError
+from dfo_lora.lowrank import LowRankConfig
+from dfo_lora.server import LOSSES, ServerOptions
+from dfo_lora.server.factory import ServerSpec
+
+
+def opt(default, help_text: str):
+    """A config field with its help text (shown by `dfo-lora tune --help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
+OPTIMIZERS = ("cma", "cma_diag", "fwa", "efwa", "dynfwa", "bbfwa", "hybrid")
+LAYER_ORDERS = ("bottom_up", "top_down", "random")
+COMMITS = ("best", "mean")
+HYBRID_MODES = ("layer", "round")
+
+
+@dataclass
+class TuneConfig:
+    """Everything that defines a tuning run (the output folder's config.yaml)."""
+
+    # ---- model and data
+    model: str = opt("smollm2-135m", "preset, local folder, .gguf file or hub id")
+    task: str = opt("sst2", "registered task name or a YAML task file")
+    data_dir: str | None = opt(
+        None, "folder with <task>/{train,test}.jsonl; default ../shared/data"
+    )
+    k: int = opt(16, "examples per class in train, and again in dev")
+    seed: int = opt(42, "few-shot sample, projections and optimizers")
+    test_limit: int | None = opt(None, "score only a fixed subset of test (quick runs)")
+    max_length: int = opt(256, "tokens per example; the text is cut, never the template")
+    dtype: str = opt("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 where native, else fp32)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    # ---- search space
+    targets: list[str] = opt(["q", "k"], "adapted projections")
+    rank: int = opt(4, "r of every LoRA factor pair")
+    intrinsic_dim: int = opt(500, "d: entries of z per layer")
+    alpha: float = opt(1.0, "projection std multiplier (BBTv2)")
+    sigma: float = opt(1.0, "optimizer's initial step size (also in the projection std)")
+    loss: str = opt("ce", "ce | hinge | neg_acc")
+    # ---- search
+    optimizer: str = opt("cma", "cma | cma_diag | fwa | efwa | dynfwa | bbfwa | hybrid")
+    fwa_variant: str = opt("dynfwa", "Fireworks variant used by `hybrid`")
+    hybrid_mode: str = opt("layer", "hybrid: cma on even layers (layer) or on even rounds (round)")
+    popsize: int = opt(20, "candidates per generation")
+    budget: int = opt(8000, 'candidate evaluations ("API calls")')
+    generations_per_visit: int = opt(1, "generations at a layer before moving on")
+    layer_order: str = opt("bottom_up", "bottom_up | top_down | random (per round)")
+    commit: str = opt("best", "best (xbest, the paper) | mean (distribution centre)")
+    eval_every: int = opt(100, "evaluations between dev evaluations")
+    checkpoint_every_s: float = opt(60.0, "also checkpoint after every layer visit")
+    # ---- performance
+    max_tokens: int = opt(16384, "padded tokens per stacked chunk of candidates")
+    max_buckets: int = opt(8, "length buckets per split")
+    prefix_cache: bool = opt(True, "reuse layer inputs below the searched layer")
+
+    def validate(self) -> TuneConfig:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("fwa_variant", self.fwa_variant, ("fwa", "efwa", "dynfwa", "bbfwa"))
+        _check_choice("hybrid_mode", self.hybrid_mode, HYBRID_MODES)
+        _check_choice("layer_order", self.layer_order, LAYER_ORDERS)
+        _check_choice("commit", self.commit, COMMITS)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        for name in (
+            "k",
+            "rank",
+            "intrinsic_dim",
+            "popsize",
+            "budget",
+            "generations_per_visit",
+            "eval_every",
+            "max_length",
+            "max_tokens",
+            "max_buckets",
+        ):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.popsize < 2:
+            raise UserError(f"popsize: must be at least 2, got {self.popsize}")
+        for name in ("alpha", "sigma", "checkpoint_every_s"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.test_limit is not None and self.test_limit <= 0:
+            raise UserError(f"test_limit: must be positive, got {self.test_limit}")
+        self.space().validate()
+        return self
+
+    def space(self) -> LowRankConfig:
+        return LowRankConfig(
+            targets=tuple(self.targets),
+            rank=self.rank,
+            intrinsic_dim=self.intrinsic_dim,
+            alpha=self.alpha,
+            sigma=self.sigma,
+            seed=self.seed,
+        )
+
+    def server_spec(self) -> ServerSpec:
+        return ServerSpec(
+            model=self.model,
+            task=self.task,
+            data_dir=self.data_dir,
+            k=self.k,
+            seed=self.seed,
+            dtype=self.dtype,
+            device=self.device,
+            max_length=self.max_length,
+            test_limit=self.test_limit,
+            loss=self.loss,
+            space=self.space(),
+            options=ServerOptions(
+                max_tokens=self.max_tokens,
+                max_buckets=self.max_buckets,
+                prefix_cache=self.prefix_cache,
+            ),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(
+            f"{name}: {value!r} is not one of {', '.join(choices)}{_hint(str(value), choices)}"
+        )
+
+
+def _hint(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+FIELD_TYPES = typing.get_type_hints(TuneConfig)
+
+
+def coerce(name: str, value, where: str = ""):
+    """Convert a YAML or command-line value to the field's type, or fail naming the field."""
+    if name not in FIELD_TYPES:
+        known = [f.name for f in fields(TuneConfig)]
+        raise UserError(f"{where}unknown config key {name!r}{_hint(name, known)}")
+    kind = FIELD_TYPES[name]
+    optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typing.get_origin(kind) is list:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise ValueError
+            return [str(item).strip() for item in items if str(item).strip()]
+        if kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    type_name = getattr(kind, "__name__", str(kind))
+    raise UserError(f"{where}{name}: {value!r} is not a valid {type_name}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TuneConfig:
+    """Defaults <- YAML file <- overrides (already-parsed CLI values), validated."""
+    values: dict = {}
+    if path is not None:
+        values.update(read_yaml_mapping(Path(path)))
+    for name, value in (overrides or {}).items():
+        values[name] = value
+    config = TuneConfig()
+    for name, value in values.items():
+        setattr(config, name, coerce(name, value, where=f"{path}: " if path else ""))
+    return config.validate()
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data

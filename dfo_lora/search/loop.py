@@ -1,0 +1,269 @@
+"""The layer-wise search (divide and conquer over layers), DESIGN.md §2.
+
+One optimizer per layer keeps its own state across rounds. A round visits every layer
+(bottom-up by default); a visit runs `generations_per_visit` generations (ask popsize
+candidates for that layer, score them with every other layer at its commit, tell the
+losses), then commits the layer's best-ever candidate (or the optimizer's mean).
+Rounds = budget // (popsize * layers * generations_per_visit).
+
+Dev is scored every `eval_every` evaluations (at the next layer boundary) and at the
+start (the zero state, i.e. zero-shot); the state with the best dev metric (ties: lower
+dev loss, then earlier) is kept, and test is scored once at the end with it. Because the
+zero state competes, the tuned state is never worse than zero-shot on dev.
+
+The loop only talks to the server through score/commit/set_state/get_state/evaluate/
+info, so the same loop drives an in-process server or Ray actors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from dfo_lora.config import TuneConfig
+from dfo_lora.errors import UserError
+from dfo_lora.optim import make_optimizer, optimizer_from_state
+from dfo_lora.search.callbacks import Callback
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Position:
+    """Where the search stands: the next generation to run."""
+
+    round: int = 0
+    visit: int = 0  # index into the round's layer order
+    generation: int = 0  # within the visit
+    evals: int = 0
+
+
+def layer_order(config: TuneConfig, num_layers: int, round_index: int) -> list[int]:
+    """The round's layer order; `random` is seeded by (seed, round), so resume needs no RNG."""
+    if config.layer_order == "bottom_up":
+        return list(range(num_layers))
+    if config.layer_order == "top_down":
+        return list(range(num_layers - 1, -1, -1))
+    rng = np.random.default_rng([config.seed, round_index])
+    return [int(i) for i in rng.permutation(num_layers)]
+
+
+def optimizer_kinds(config: TuneConfig) -> list[str]:
+    """Optimizer names each layer holds (hybrid-by-round: both kinds, one used per round)."""
+    if config.optimizer != "hybrid":
+        return [config.optimizer]
+    return ["cma", config.fwa_variant]
+
+
+def rounds_for(config: TuneConfig, num_layers: int) -> int:
+    per_round = config.popsize * num_layers * config.generations_per_visit
+    rounds = config.budget // per_round
+    if rounds < 1:
+        raise UserError(
+            f"budget: {config.budget} is smaller than one round (popsize {config.popsize} x "
+            f"{num_layers} layers x {config.generations_per_visit} generations = {per_round} "
+            "evaluations)"
+        )
+    return rounds
+
+
+def _better(metrics: dict, best: dict | None, metric: str) -> bool:
+    if best is None:
+        return True
+    if metrics[metric] != best[metric]:
+        return metrics[metric] > best[metric]
+    return metrics["loss"] < best["loss"]
+
+
+class LayerwiseSearch:
+    """Runs one C-LoRA / F-LoRA / hybrid search against an evaluation server."""
+
+    def __init__(
+        self,
+        server,
+        config: TuneConfig,
+        metric: str,
+        callbacks: list[Callback] | None = None,
+        checkpoint=None,
+    ):
+        self.server = server
+        self.config = config
+        self.metric = metric
+        self.callbacks = callbacks or []
+        self.checkpoint = checkpoint  # callable(state: dict) -> None, or None
+        info = server.info()
+        self.num_layers = info["num_layers"]
+        self.dim = info["dim"]
+        self.rounds = rounds_for(config, self.num_layers)
+        self.total_evals = (
+            self.rounds * self.num_layers * config.generations_per_visit * config.popsize
+        )
+        self.kinds = optimizer_kinds(config)
+        self.optimizers = [
+            [
+                make_optimizer(kind, self.dim, config.popsize, config.sigma, self._seed(layer, i))
+                for i, kind in enumerate(self.kinds)
+            ]
+            for layer in range(self.num_layers)
+        ]
+        self.position = Position()
+        self.zero_shot: dict = {}
+        self.best_dev: dict | None = None
+        self.best_dev_z: np.ndarray | None = None
+        self.best_dev_evals = 0
+        self.next_dev = 0
+        self.elapsed_before = 0.0
+        self.log_lines = 0
+
+    def _seed(self, layer: int, which: int) -> int:
+        return self.config.seed * 100_003 + layer * 7 + which
+
+    def optimizer_for(self, layer: int, round_index: int):
+        per_layer = self.optimizers[layer]
+        if self.config.optimizer != "hybrid":
+            return per_layer[0]
+        if self.config.hybrid_mode == "layer":
+            return per_layer[layer % 2]
+        return per_layer[round_index % 2]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        pos = self.position
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "position": {
+                "round": pos.round,
+                "visit": pos.visit,
+                "generation": pos.generation,
+                "evals": pos.evals,
+            },
+            "z": self.server.get_state(),
+            "optimizers": [[opt.state_dict() for opt in per] for per in self.optimizers],
+            "zero_shot": self.zero_shot,
+            "best_dev": self.best_dev,
+            "best_dev_z": self.best_dev_z,
+            "best_dev_evals": self.best_dev_evals,
+            "next_dev": self.next_dev,
+            "elapsed_s": self.elapsed_before + (time.perf_counter() - self._started),
+            "log_lines": self.log_lines,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise UserError(
+                f"checkpoint: version {state.get('version')} is not {CHECKPOINT_VERSION}"
+            )
+        self.position = Position(**state["position"])
+        self.optimizers = [[optimizer_from_state(s) for s in per] for per in state["optimizers"]]
+        self.server.set_state(np.asarray(state["z"]))
+        self.zero_shot = state["zero_shot"]
+        self.best_dev = state["best_dev"]
+        self.best_dev_z = np.asarray(state["best_dev_z"])
+        self.best_dev_evals = state["best_dev_evals"]
+        self.next_dev = state["next_dev"]
+        self.elapsed_before = state["elapsed_s"]
+        self.log_lines = state["log_lines"]
+
+    # ------------------------------------------------------------------ run
+    def _emit(self, hook: str, record: dict) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(record)
+        if hook in ("on_generation", "on_dev"):
+            self.log_lines += 1
+
+    def _dev_check(self, dev: dict | None = None) -> None:
+        evals = self.position.evals
+        if evals < self.next_dev:
+            return
+        dev = dev or self.server.evaluate("dev")
+        if _better(dev, self.best_dev, self.metric):
+            self.best_dev, self.best_dev_z, self.best_dev_evals = (
+                dev,
+                self.server.get_state(),
+                evals,
+            )
+        while self.next_dev <= evals:
+            self.next_dev += self.config.eval_every
+        self._emit("on_dev", {"evals": evals, "dev": dev, "best_dev": self.best_dev})
+
+    def run(self) -> dict:
+        """Search to the end of the budget; returns the results dict (results.json)."""
+        self._started = time.perf_counter()
+        config, pos = self.config, self.position
+        if pos.evals == 0 and not self.zero_shot:
+            self.zero_shot = {
+                "dev": self.server.evaluate("dev"),
+                "test": self.server.evaluate("test"),
+            }
+            self._dev_check(dev=self.zero_shot["dev"])
+        for cb in self.callbacks:
+            cb.on_start(self.total_evals, pos.evals)
+        last_checkpoint = time.perf_counter()
+        while pos.round < self.rounds:
+            order = layer_order(config, self.num_layers, pos.round)
+            while pos.visit < self.num_layers:
+                layer = order[pos.visit]
+                opt = self.optimizer_for(layer, pos.round)
+                while pos.generation < config.generations_per_visit:
+                    candidates = opt.ask()
+                    scored = self.server.score(layer, candidates)
+                    losses = np.asarray(scored["loss"], dtype=np.float64)
+                    opt.tell(candidates, losses)
+                    pos.evals += len(candidates)
+                    pos.generation += 1
+                    finite = losses[np.isfinite(losses)]
+                    self._emit(
+                        "on_generation",
+                        {
+                            "evals": pos.evals,
+                            "round": pos.round,
+                            "layer": layer,
+                            "popsize": len(candidates),
+                            "loss_min": float(finite.min()) if finite.size else None,
+                            "loss_mean": float(finite.mean()) if finite.size else None,
+                            "nonfinite": int(losses.size - finite.size),
+                            "train_acc_max": float(np.max(scored["accuracy"])),
+                            "best_loss": float(opt.best[1]),
+                            "time_s": self.elapsed_before + time.perf_counter() - self._started,
+                        },
+                    )
+                    if (
+                        pos.generation < config.generations_per_visit
+                        and self.checkpoint
+                        and time.perf_counter() - last_checkpoint >= config.checkpoint_every_s
+                    ):
+                        self.checkpoint(self.state_dict())
+                        last_checkpoint = time.perf_counter()
+                z = opt.best[0] if config.commit == "best" else opt.mean
+                if np.all(np.isfinite(z)) and (config.commit == "mean" or np.isfinite(opt.best[1])):
+                    self.server.commit(layer, z)
+                pos.visit += 1
+                pos.generation = 0
+                self._dev_check()
+                if self.checkpoint:
+                    self.checkpoint(self.state_dict())
+                    last_checkpoint = time.perf_counter()
+            pos.round += 1
+            pos.visit = 0
+        return self._finish()
+
+    def _finish(self) -> dict:
+        final_z = self.server.get_state()
+        self.server.set_state(self.best_dev_z)
+        test = self.server.evaluate("test")
+        self.server.set_state(final_z)
+        results = {
+            "tuned": {"dev": self.best_dev, "test": test},
+            "zero_shot": self.zero_shot,
+            "best_dev_evals": self.best_dev_evals,
+            "evaluations": self.position.evals,
+            "rounds": self.rounds,
+            "wall_time_s": self.elapsed_before + time.perf_counter() - self._started,
+            "metric": self.metric,
+        }
+        for cb in self.callbacks:
+            cb.on_end(results)
+        return results

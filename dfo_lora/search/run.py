@@ -1,0 +1,160 @@
+"""A tuning run on disk: the output folder, checkpoints, resume, results.
+
+Output folder:
+- `config.yaml`       the fully resolved TuneConfig;
+- `log.jsonl`         one line per generation and per dev evaluation;
+- `checkpoint/state.safetensors`  written atomically after every layer visit (and
+                       every `checkpoint_every_s` within long visits);
+- `results.json`      dev/test metrics of the tuned (best-dev) and zero-shot states,
+                       evaluations, wall time, peak memory, versions;
+- `tuned.safetensors` z per layer of the best-dev state (+ the space's settings), which
+                       `dfo-lora eval` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import yaml
+from safetensors.numpy import load_file, save_file
+
+from dfo_lora.config import TuneConfig, load_config
+from dfo_lora.errors import UserError
+from dfo_lora.search.callbacks import JsonlLog, ProgressBar, tensorboard_if_available
+from dfo_lora.search.checkpoint import atomic_write_bytes, load_state, save_state
+from dfo_lora.search.loop import LayerwiseSearch
+
+CHECKPOINT = Path("checkpoint") / "state.safetensors"
+
+
+def versions() -> dict:
+    import cma
+    import torch
+    import transformers
+
+    import dfo_lora
+
+    return {
+        "dfo_lora": dfo_lora.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cma": cma.__version__,
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+    }
+
+
+def prepare_out_dir(out: Path, config: TuneConfig, resume: bool, overwrite: bool) -> TuneConfig:
+    """Check the folder before anything is written; returns the config to run."""
+    if resume:
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"resume: {saved} does not exist (nothing to resume in {out})")
+        if not (out / CHECKPOINT).is_file():
+            raise UserError(
+                f"resume: {out / CHECKPOINT} does not exist (the run never checkpointed)"
+            )
+        previous = load_config(saved)
+        if config is not None and config.to_dict() != previous.to_dict():
+            diff = [k for k, v in config.to_dict().items() if previous.to_dict()[k] != v]
+            raise UserError(
+                f"resume: config differs from {saved} in {', '.join(diff)}; "
+                "resume with the same settings or start a new --out"
+            )
+        return previous
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"out: {out} exists and is not empty; pass --overwrite or --resume")
+    return config
+
+
+def tune(
+    config: TuneConfig | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    server=None,
+) -> dict:
+    """Run (or resume) a C-LoRA / F-LoRA search; returns the results dict.
+
+    `server` lets a caller pass a ready server (in-process or a Ray proxy); by default
+    one is built from the config.
+    """
+    if out is None:
+        if resume:
+            raise UserError("resume: needs the run's output folder")
+        out = Path("runs") / "latest"
+    out = Path(out)
+    config = prepare_out_dir(out, config if config is not None else None, resume, overwrite)
+    if config is None:
+        config = TuneConfig().validate()
+    state = load_state(out / CHECKPOINT) if resume else None
+    if server is None:
+        from dfo_lora.server.factory import build_server
+
+        server = build_server(config.server_spec())
+    if not resume:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        atomic_write_bytes(out / "config.yaml", config.to_yaml().encode())
+
+    log = JsonlLog(out / "log.jsonl")
+    callbacks = [log, ProgressBar(server_metric(server), disable=not progress)]
+    callbacks += tensorboard_if_available(out / "tensorboard")
+    search = LayerwiseSearch(
+        server,
+        config,
+        metric=server_metric(server),
+        callbacks=callbacks,
+        checkpoint=lambda s: save_state(out / CHECKPOINT, s),
+    )
+    if state is not None:
+        search.load_state_dict(state)
+        log.truncate(search.log_lines)
+    else:
+        log.truncate(0)
+    results = search.run()
+    results["peak_mem_bytes"] = server.peak_memory()
+    results["versions"] = versions()
+    results["server"] = {k: v for k, v in server.info().items() if k != "sigma_hat"}
+    results["notes"] = server_notes(server)
+    save_tuned(out / "tuned.safetensors", search.best_dev_z, config)
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, sort_keys=True).encode())
+    return results
+
+
+def server_metric(server) -> str:
+    return server.info().get("metric", "accuracy")
+
+
+def server_notes(server) -> list[str]:
+    return list(server.info().get("notes", []))
+
+
+def save_tuned(path: Path, z: np.ndarray, config: TuneConfig) -> None:
+    """The tuned state: z per layer; the config (in metadata) rebuilds the same projections."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"z": np.ascontiguousarray(z)}, str(tmp), metadata={"config": config.to_yaml()})
+    tmp.replace(path)
+
+
+def load_tuned(run_dir: Path) -> tuple[np.ndarray, TuneConfig]:
+    path = run_dir / "tuned.safetensors"
+    if not path.is_file():
+        raise UserError(f"eval: {path} does not exist (is {run_dir} a finished run?)")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    values = yaml.safe_load(meta.get("config", "")) or {}
+    config = TuneConfig()
+    for key, value in values.items():
+        setattr(config, key, value)
+    return load_file(str(path))["z"], config.validate()
