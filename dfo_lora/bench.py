@@ -153,11 +153,10 @@ class NaiveScorer:
 def plain_model_copy(server: EvaluationServer) -> torch.nn.Module:
     """A copy of the backbone with the adapter wrappers removed: the stock HF model."""
     net = copy.deepcopy(server.model)
-    for name, module in list(net.named_modules()):
+    for module in list(net.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, AdaptedProjection):
                 setattr(module, child_name, child.base)
-    del name
     return net
 
 
@@ -185,7 +184,7 @@ def run_bench(
 ) -> dict:
     """All figures of `dfo-lora bench` as one dict."""
     server = build_server(spec)
-    device, dtype = server.backbone.device, server.backbone.dtype
+    device = server.backbone.device
     info = server.info()
     rng = np.random.default_rng(seed)
 
