@@ -1,0 +1,197 @@
+"""The layer-wise search, checkpoints and resume, on a tiny Llama with real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from dfo_lora.config import TuneConfig
+from dfo_lora.search import LayerwiseSearch, layer_order, rounds_for, tune
+from dfo_lora.search.checkpoint import load_state, save_state
+from dfo_lora.server.factory import build_server
+
+
+def tiny_config(model_dir, **overrides) -> TuneConfig:
+    values = dict(
+        model=str(model_dir),
+        task="sst2",
+        test_limit=40,
+        popsize=6,
+        budget=6 * 3 * 4,  # 4 rounds over 3 layers
+        eval_every=12,
+        intrinsic_dim=60,
+    )
+    values.update(overrides)
+    config = TuneConfig(**values)
+    return config.validate()
+
+
+def cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dfo_lora.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_rounds_and_layer_orders():
+    config = TuneConfig(popsize=20, budget=8000).validate()
+    assert rounds_for(config, 30) == 13  # 8000 // (20 * 30)
+    assert layer_order(config, 4, 0) == [0, 1, 2, 3]
+    config.layer_order = "top_down"
+    assert layer_order(config, 4, 0) == [3, 2, 1, 0]
+    config.layer_order = "random"
+    orders = [layer_order(config, 6, r) for r in range(3)]
+    assert all(sorted(o) == list(range(6)) for o in orders)
+    assert orders[0] != orders[1] or orders[1] != orders[2]
+    assert orders == [layer_order(config, 6, r) for r in range(3)]  # seeded
+
+
+def test_search_counts_evaluations_and_commits_xbest(tiny_llama_dir, tmp_path):
+    config = tiny_config(tiny_llama_dir)
+    results = tune(config, tmp_path / "run", progress=False)
+    assert results["evaluations"] == config.budget
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    generations = [x for x in lines if x["kind"] == "generation"]
+    assert len(generations) == config.budget // config.popsize
+    assert [g["layer"] for g in generations[:6]] == [0, 1, 2, 0, 1, 2]
+    devs = [x for x in lines if x["kind"] == "dev"]
+    assert [d["evals"] for d in devs] == [0, 12, 24, 36, 48, 60, 72]  # every 12 evaluations
+    best = max(devs, key=lambda d: (d["dev"]["accuracy"], -d["dev"]["loss"]))
+    assert results["tuned"]["dev"] == best["dev"]
+    assert results["tuned"]["dev"]["accuracy"] >= results["zero_shot"]["dev"]["accuracy"]
+    for key in ("tuned", "zero_shot"):
+        assert set(results[key]) == {"dev", "test"}
+        assert 0 <= results[key]["test"]["accuracy"] <= 1
+    assert results["wall_time_s"] > 0 and results["peak_mem_bytes"] > 0
+    tuned = load_file(str(tmp_path / "run" / "tuned.safetensors"))["z"]
+    assert tuned.shape == (3, 60)
+
+
+def test_commit_mean_and_best_differ(tiny_llama_dir, tmp_path):
+    finals = {}
+    for commit in ("best", "mean"):
+        config = tiny_config(tiny_llama_dir, commit=commit, budget=18)
+        server = build_server(config.server_spec())
+        search = LayerwiseSearch(server, config, metric="accuracy")
+        search.run()
+        z = server.get_state()
+        opt = search.optimizers[0][0]
+        expected = opt.best[0] if commit == "best" else opt.mean
+        assert np.array_equal(z[0], expected)
+        finals[commit] = z
+    assert not np.array_equal(finals["best"], finals["mean"])
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    state = {
+        "a": np.arange(6, dtype=np.float64).reshape(2, 3),
+        "nested": [{"b": np.ones(2, dtype=np.uint32), "c": 1.5}, "text", None],
+        "n": 3,
+    }
+    save_state(tmp_path / "s.safetensors", state)
+    back = load_state(tmp_path / "s.safetensors")
+    assert np.array_equal(back["a"], state["a"]) and back["a"].dtype == np.float64
+    assert np.array_equal(back["nested"][0]["b"], state["nested"][0]["b"])
+    assert back["nested"][1:] == ["text", None] and back["n"] == 3
+
+
+def _kill_mid_search(args, out: Path, min_lines: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dfo_lora.cli", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    log = out / "log.jsonl"
+    while time.time() < deadline:
+        if (out / "checkpoint" / "state.safetensors").exists() and log.exists():
+            if len(log.read_text().splitlines()) >= min_lines:
+                break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["--optimizer", "cma"],
+        ["--optimizer", "dynfwa"],
+        ["--optimizer", "hybrid", "--hybrid-mode", "round"],
+    ],
+    ids=["cma", "dynfwa", "hybrid-round"],
+)
+def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama_dir, tmp_path, optimizer):
+    common = [
+        "tune",
+        "--model",
+        tiny_llama_dir,
+        "--task",
+        "sst2",
+        "--test-limit",
+        "40",
+        "--popsize",
+        "6",
+        "--budget",
+        str(6 * 3 * 40),
+        "--eval-every",
+        "30",
+        "--intrinsic-dim",
+        "60",
+        "--quiet",
+        *optimizer,
+    ]
+    whole = tmp_path / "whole"
+    done = cli(*common, "--out", whole)
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    _kill_mid_search([*common, "--out", killed], killed, min_lines=40)
+    assert not (killed / "results.json").exists()  # really killed mid-search
+    resumed = cli("tune", "--resume", killed, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = json.loads((whole / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    for key in ("tuned", "zero_shot", "best_dev_evals", "evaluations"):
+        assert a[key] == b[key], key
+    za = load_file(str(whole / "tuned.safetensors"))["z"]
+    zb = load_file(str(killed / "tuned.safetensors"))["z"]
+    assert np.array_equal(za, zb)
+    final_a = load_state(whole / "checkpoint" / "state.safetensors")
+    final_b = load_state(killed / "checkpoint" / "state.safetensors")
+    assert np.array_equal(final_a["z"], final_b["z"])
+    strip = [
+        {k: v for k, v in json.loads(x).items() if k != "time_s"}
+        for x in (whole / "log.jsonl").read_text().splitlines()
+    ]
+    strip_b = [
+        {k: v for k, v in json.loads(x).items() if k != "time_s"}
+        for x in (killed / "log.jsonl").read_text().splitlines()
+    ]
+    assert strip == strip_b
+
+
+def test_nonfinite_losses_count_as_worst(tiny_llama_dir):
+    from dfo_lora.server.server import WORST_LOSS
+
+    config = tiny_config(tiny_llama_dir)
+    server = build_server(config.server_spec())
+    cands = np.zeros((3, 60))
+    cands[1] = 1e30  # overflows to inf/NaN inside the forward
+    losses = server.score(0, cands)["loss"]
+    assert np.isfinite(losses).all()
+    assert losses[1] == WORST_LOSS and losses[0] < WORST_LOSS
