@@ -50,6 +50,14 @@ class Backbone:
         return self.arch.causal
 
 
+def quiet_transformers() -> None:
+    """No per-tensor progress bars or warnings from transformers on our users' terminals."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DFO_LORA_CACHE", Path.home() / ".cache" / "dfo_lora"))
 
@@ -164,6 +172,7 @@ def load_backbone(
         AutoTokenizer,
     )
 
+    quiet_transformers()
     source, name = resolve_source(model)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -1,0 +1,161 @@
+"""The command line: help, tasks, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dfo_lora.cli import main
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dfo_lora.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_tune_help_explains_every_option():
+    out = run_cli("tune", "--help")
+    assert out.returncode == 0
+    for flag in (
+        "--model",
+        "--task",
+        "--data-dir",
+        "--seed",
+        "--k",
+        "--budget",
+        "--popsize",
+        "--optimizer",
+        "--rank",
+        "--intrinsic-dim",
+        "--targets",
+        "--loss",
+        "--sigma",
+        "--alpha",
+        "--dtype",
+        "--device",
+        "--out",
+        "--resume",
+        "--overwrite",
+        "--config",
+    ):
+        assert flag in out.stdout, flag
+    assert "(default: 8000)" in out.stdout and "(default: q,k)" in out.stdout
+
+
+def test_tasks_lists_every_task(capsys):
+    assert main(["tasks", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = {row["name"] for row in rows}
+    assert {
+        "sst2",
+        "yelp_polarity",
+        "agnews",
+        "dbpedia",
+        "mrpc",
+        "snli",
+        "rte",
+        "sst5",
+        "trec",
+        "mr",
+    } <= names
+    sst2 = next(r for r in rows if r["name"] == "sst2")
+    assert sst2["verbalizer"] == ["bad", "great"]
+
+
+@pytest.fixture()
+def base_args(tiny_llama_dir):
+    return ["tune", "--model", tiny_llama_dir, "--task", "sst2", "--test-limit", "20", "--quiet"]
+
+
+def test_bad_config_values(tmp_path, base_args):
+    cases = {
+        ("--popsize", "abc"): "popsize: 'abc' is not a valid int",
+        ("--popsize", "0"): "popsize: must be",
+        ("--rank", "-1"): "rank: must be a positive integer",
+        ("--intrinsic-dim", "0"): "intrinsic_dim: must be a positive integer",
+        ("--optimizer", "cmaa"): "did you mean 'cma'",
+        ("--loss", "mse"): "loss: 'mse' is not one of",
+        ("--budget", "50"): "budget: 50 is smaller than one round",
+        ("--targets", "q,zz"): "targets: 'zz' is not a projection of llama",
+        ("--task", "sst3"): "sst3",
+        ("--sigma", "0"): "sigma: must be positive",
+    }
+    for extra, expected in cases.items():
+        out = tmp_path / f"out-{extra[0].strip('-')}-{extra[1]}"
+        line = one_line_error(run_cli(*base_args, *extra, "--out", out))
+        assert expected in line, (extra, line)
+        assert not (out / "results.json").exists()
+
+
+def test_unknown_yaml_key_gets_did_you_mean(tmp_path, base_args):
+    config = tmp_path / "c.yaml"
+    config.write_text("popsize: 10\nbudjet: 600\n")
+    line = one_line_error(run_cli(*base_args, "--config", config, "--out", tmp_path / "o"))
+    assert "unknown config key 'budjet'" in line and "did you mean 'budget'" in line
+    assert str(config) in line
+    config.write_text("popsize: [1, 2\n")
+    line = one_line_error(run_cli(*base_args, "--config", config, "--out", tmp_path / "o"))
+    assert "invalid YAML" in line and "line" in line
+
+
+def test_missing_model_and_data(tmp_path, base_args):
+    line = one_line_error(run_cli("tune", "--model", tmp_path / "nope", "--out", tmp_path / "o"))
+    assert "nope" in line and "does not exist" in line
+    line = one_line_error(
+        run_cli(*base_args, "--data-dir", tmp_path / "empty", "--out", tmp_path / "o")
+    )
+    assert "empty" in line
+    line = one_line_error(run_cli(*base_args, "--k", "100000", "--out", tmp_path / "o"))
+    assert "k" in line
+
+
+def test_existing_output_folder_is_not_overwritten(tmp_path, base_args):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    line = one_line_error(run_cli(*base_args, "--budget", "18", "--popsize", "6", "--out", out))
+    assert "exists" in line and "--overwrite" in line
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_resume_errors(tmp_path, base_args):
+    out = tmp_path / "run"
+    args = [*base_args, "--budget", "18", "--popsize", "6", "--intrinsic-dim", "60", "--out", out]
+    assert run_cli(*args).returncode == 0
+    line = one_line_error(run_cli("tune", "--resume", out, "--popsize", "8", "--quiet"))
+    assert "config differs" in line and "popsize" in line
+    line = one_line_error(run_cli("tune", "--resume", tmp_path / "missing", "--quiet"))
+    assert "nothing to resume" in line
+    (out / "checkpoint" / "state.safetensors").write_bytes(b"garbage")
+    line = one_line_error(run_cli("tune", "--resume", out, "--quiet"))
+    assert "corrupt" in line and "state.safetensors" in line
+
+
+def test_eval_scores_a_finished_run(tmp_path, base_args):
+    out = tmp_path / "run"
+    args = [*base_args, "--budget", "18", "--popsize", "6", "--intrinsic-dim", "60", "--out", out]
+    assert run_cli(*args).returncode == 0
+    results = json.loads((out / "results.json").read_text())
+    evaluated = run_cli("eval", out, "--split", "test")
+    assert evaluated.returncode == 0, evaluated.stderr
+    got = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert got["accuracy"] == pytest.approx(results["tuned"]["test"]["accuracy"])
+    zero = json.loads(run_cli("eval", out, "--zero-shot").stdout.strip().splitlines()[-1])
+    assert zero["accuracy"] == pytest.approx(results["zero_shot"]["test"]["accuracy"])
+    line = one_line_error(run_cli("eval", tmp_path / "none"))
+    assert "tuned.safetensors" in line
