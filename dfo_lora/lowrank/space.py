@@ -134,8 +134,8 @@ class LowRankSpace:
         r = self.config.rank
         out = {}
         for i, shape in enumerate(self.shapes):
-            a = (pieces[2 * i] @ mats[2 * i].T).view(-1, r, shape.in_features)
-            b = (pieces[2 * i + 1] @ mats[2 * i + 1].T).view(-1, shape.out_features, r)
+            a = _rowwise(pieces[2 * i], mats[2 * i]).view(-1, r, shape.in_features)
+            b = _rowwise(pieces[2 * i + 1], mats[2 * i + 1]).view(-1, shape.out_features, r)
             out[shape.target] = (a.to(dtype), b.to(dtype))
         return out
 
@@ -143,6 +143,13 @@ class LowRankSpace:
         """Dense fp32 deltas B @ A (out, in) of one z (d,), for export and reference checks."""
         factors = self.factors(layer, torch.as_tensor(z).reshape(1, -1), torch.float32)
         return {t: (b[0] @ a[0]) for t, (a, b) in factors.items()}
+
+
+def _rowwise(z: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+    """z (P, w) @ mat.T, one candidate at a time: BLAS picks different kernels (and so
+    different roundings) for different row counts, and a candidate's factors must not
+    depend on which others share the call (the Ray backend scores a population in shares)."""
+    return torch.cat([row @ mat.T for row in z.split(1)])
 
 
 def _pairs(seq: list[int]) -> list[tuple[int, int]]:
