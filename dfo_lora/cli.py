@@ -42,6 +42,7 @@ GROUPS = {
         "checkpoint_every_s",
     ],
     "performance": ["max_tokens", "max_buckets", "prefix_cache"],
+    "distributed": ["backend", "address", "servers", "gpus_per_server", "cpus_per_server"],
 }
 
 

@@ -34,6 +34,7 @@ OPTIMIZERS = ("cma", "cma_diag", "fwa", "efwa", "dynfwa", "bbfwa", "hybrid")
 LAYER_ORDERS = ("bottom_up", "top_down", "random")
 COMMITS = ("best", "mean")
 HYBRID_MODES = ("layer", "round")
+BACKENDS = ("local", "ray")
 
 
 @dataclass
@@ -74,6 +75,12 @@ class TuneConfig:
     max_tokens: int = opt(16384, "padded tokens per stacked chunk of candidates")
     max_buckets: int = opt(8, "length buckets per split")
     prefix_cache: bool = opt(True, "reuse layer inputs below the searched layer")
+    # ---- distributed (dfo_lora/distributed; the results do not depend on them)
+    backend: str = opt("local", "local (in-process) | ray (server and optimizer actors)")
+    address: str = opt("auto", "ray: auto (RAY_ADDRESS, a running or a new local Ray) or host:port")
+    servers: int = opt(1, "ray: server actors, each a model replica scoring part of a generation")
+    gpus_per_server: float = opt(0.0, "ray: GPUs per server actor (fractions share a GPU)")
+    cpus_per_server: float = opt(1.0, "ray: CPUs per server actor (also its torch threads)")
 
     def validate(self) -> TuneConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -83,6 +90,7 @@ class TuneConfig:
         _check_choice("commit", self.commit, COMMITS)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _check_choice("backend", self.backend, BACKENDS)
         for name in (
             "k",
             "rank",
@@ -94,14 +102,23 @@ class TuneConfig:
             "max_length",
             "max_tokens",
             "max_buckets",
+            "servers",
         ):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
         if self.popsize < 2:
             raise UserError(f"popsize: must be at least 2, got {self.popsize}")
-        for name in ("alpha", "sigma", "checkpoint_every_s"):
+        for name in ("alpha", "sigma", "checkpoint_every_s", "cpus_per_server"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
+        gpus = float(self.gpus_per_server)
+        if not (0 <= gpus <= 1 or gpus.is_integer() and gpus > 0):  # as Ray's num_gpus
+            raise UserError(
+                "gpus_per_server: must be a fraction in [0, 1] or a whole number, "
+                f"got {self.gpus_per_server}"
+            )
+        if not self.address.strip():
+            raise UserError("address: must be auto or a cluster address such as host:6379")
         if self.test_limit is not None and self.test_limit <= 0:
             raise UserError(f"test_limit: must be positive, got {self.test_limit}")
         self.space().validate()

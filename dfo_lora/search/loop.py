@@ -77,6 +77,13 @@ def _better(metrics: dict, best: dict | None, metric: str) -> bool:
     return metrics["loss"] < best["loss"]
 
 
+class InProcessOptimizers:
+    """Builds the per-layer optimizers in this process."""
+
+    make = staticmethod(make_optimizer)
+    from_state = staticmethod(optimizer_from_state)
+
+
 class LayerwiseSearch:
     """Runs one C-LoRA / F-LoRA / hybrid search against an evaluation server."""
 
@@ -87,12 +94,16 @@ class LayerwiseSearch:
         metric: str,
         callbacks: list[Callback] | None = None,
         checkpoint=None,
+        optimizers=None,
     ):
         self.server = server
         self.config = config
         self.metric = metric
         self.callbacks = callbacks or []
         self.checkpoint = checkpoint  # callable(state: dict) -> None, or None
+        # where optimizers live: `make(kind, dim, popsize, sigma, seed)` and `from_state(s)`
+        # (default in-process; the Ray backend passes actor proxies with the same interface)
+        self.factory = optimizers or InProcessOptimizers()
         info = server.info()
         self.num_layers = info["num_layers"]
         self.dim = info["dim"]
@@ -103,7 +114,9 @@ class LayerwiseSearch:
         self.kinds = optimizer_kinds(config)
         self.optimizers = [
             [
-                make_optimizer(kind, self.dim, config.popsize, config.sigma, self._seed(layer, i))
+                self.factory.make(
+                    kind, self.dim, config.popsize, config.sigma, self._seed(layer, i)
+                )
                 for i, kind in enumerate(self.kinds)
             ]
             for layer in range(self.num_layers)
@@ -157,7 +170,7 @@ class LayerwiseSearch:
                 f"checkpoint: version {state.get('version')} is not {CHECKPOINT_VERSION}"
             )
         self.position = Position(**state["position"])
-        self.optimizers = [[optimizer_from_state(s) for s in per] for per in state["optimizers"]]
+        self.optimizers = [[self.factory.from_state(s) for s in per] for per in state["optimizers"]]
         self.server.set_state(np.asarray(state["z"]))
         self.zero_shot = state["zero_shot"]
         self.best_dev = state["best_dev"]

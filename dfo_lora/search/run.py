@@ -80,11 +80,13 @@ def tune(
     overwrite: bool = False,
     progress: bool = True,
     server=None,
+    optimizers=None,
 ) -> dict:
     """Run (or resume) a C-LoRA / F-LoRA search; returns the results dict.
 
     `server` lets a caller pass a ready server (in-process or a Ray proxy); by default
-    one is built from the config.
+    one is built from the config. `optimizers` places the per-layer optimizers (see
+    LayerwiseSearch; default in-process).
     """
     if out is None:
         if resume:
@@ -114,6 +116,7 @@ def tune(
         metric=server_metric(server),
         callbacks=callbacks,
         checkpoint=lambda s: save_state(out / CHECKPOINT, s),
+        optimizers=optimizers,
     )
     if state is not None:
         search.load_state_dict(state)
