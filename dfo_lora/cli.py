@@ -32,6 +32,7 @@ GROUPS = {
     "search": [
         "optimizer",
         "fwa_variant",
+        "optimizer_options",
         "hybrid_mode",
         "popsize",
         "budget",
@@ -68,6 +69,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             default = getattr(defaults, name)
             if isinstance(default, list):
                 default = ",".join(default)
+            if isinstance(default, dict):
+                default = ",".join(f"{k}={v}" for k, v in default.items()) or "none"
             help_text = f"{by_name[name].metadata['help']} (default: {default})"
             group.add_argument(
                 _flag(name), dest=name, default=None, metavar=_metavar(name), help=help_text
@@ -79,6 +82,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def _metavar(name: str) -> str:
     kind = FIELD_TYPES[name]
     text = getattr(kind, "__name__", str(kind)).upper()
+    if kind is dict:
+        return "K=V,..."
     return "LIST" if "list" in str(kind) else text.replace(" | NONE", "")
 
 

@@ -25,8 +25,8 @@ from dfo_lora.server.factory import ServerSpec
 
 def opt(default, help_text: str):
     """A config field with its help text (shown by `dfo-lora tune --help`)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help_text})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help_text})
     return field(default=default, metadata={"help": help_text})
 
 
@@ -61,8 +61,18 @@ class TuneConfig:
     sigma: float = opt(1.0, "optimizer's initial step size (also in the projection std)")
     loss: str = opt("ce", "ce | hinge | neg_acc")
     # ---- search
-    optimizer: str = opt("cma", "cma | cma_diag | fwa | efwa | dynfwa | bbfwa | hybrid")
-    fwa_variant: str = opt("dynfwa", "Fireworks variant used by `hybrid`")
+    optimizer: str = opt(
+        "cma",
+        "cma (C-LoRA) | fwa (F-LoRA: --fwa-variant) | hybrid | cma_diag | efwa | dynfwa | bbfwa",
+    )
+    fwa_variant: str = opt(
+        "dynfwa",
+        "Fireworks variant of fwa and hybrid: fwa (Tan & Zhu 2010) | efwa | dynfwa | bbfwa",
+    )
+    optimizer_options: dict = opt(
+        {},
+        "options of the (Fireworks) optimizer, e.g. n_fireworks=5,amplitude=2.0 (YAML: a mapping)",
+    )
     hybrid_mode: str = opt("layer", "hybrid: cma on even layers (layer) or on even rounds (round)")
     popsize: int = opt(20, "candidates per generation")
     budget: int = opt(8000, 'candidate evaluations ("API calls")')
@@ -122,7 +132,22 @@ class TuneConfig:
         if self.test_limit is not None and self.test_limit <= 0:
             raise UserError(f"test_limit: must be positive, got {self.test_limit}")
         self.space().validate()
+        self._validate_optimizer_options()
         return self
+
+    def _validate_optimizer_options(self) -> None:
+        """Build each layer optimizer kind once, so bad options fail before the model loads."""
+        from dfo_lora.search.loop import optimizer_kinds, options_for
+
+        for kind in optimizer_kinds(self):
+            try:
+                from dfo_lora.optim import make_optimizer
+
+                make_optimizer(
+                    kind, self.intrinsic_dim, self.popsize, self.sigma, 0, **options_for(self, kind)
+                )
+            except UserError as exc:
+                raise UserError(f"optimizer_options: {exc}") from None
 
     def space(self) -> LowRankConfig:
         return LowRankConfig(
@@ -204,6 +229,15 @@ def coerce(name: str, value, where: str = ""):
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if kind is dict:
+            if isinstance(value, str):
+                pairs = [p for p in value.split(",") if p.strip()]
+                if not all("=" in p for p in pairs):
+                    raise ValueError
+                return {k.strip(): yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
         if typing.get_origin(kind) is list:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, list):

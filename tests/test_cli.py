@@ -94,6 +94,10 @@ def test_bad_config_values(tmp_path, base_args):
         ("--targets", "q,zz"): "targets: 'zz' is not a projection of llama",
         ("--task", "sst3"): "sst3",
         ("--sigma", "0"): "sigma: must be positive",
+        ("--fwa-variant", "dynfw"): "did you mean 'dynfwa'",
+        ("--optimizer-options", "n_fireworks=30"): "n_fireworks: 30 is more than",
+        ("--optimizer-options", "amplitude=-1"): "amplitude: -1.0 must be > 0",
+        ("--optimizer-options", "bogus"): "optimizer_options: 'bogus' is not a valid dict",
     }
     for extra, expected in cases.items():
         out = tmp_path / f"out-{extra[0].strip('-')}-{extra[1]}"

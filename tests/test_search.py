@@ -195,3 +195,16 @@ def test_nonfinite_losses_count_as_worst(tiny_llama_dir):
     losses = server.score(0, cands)["loss"]
     assert np.isfinite(losses).all()
     assert losses[1] == WORST_LOSS and losses[0] < WORST_LOSS
+
+
+def test_hybrid_alternates_optimizer_kinds(tiny_llama_dir):
+    by_layer = tiny_config(tiny_llama_dir, optimizer="hybrid", budget=18)
+    server = build_server(by_layer.server_spec())
+    search = LayerwiseSearch(server, by_layer, metric="accuracy")
+    kinds = [search.optimizer_for(layer, 0).name for layer in range(3)]
+    assert kinds == ["cma", "dynfwa", "cma"]
+    by_round = tiny_config(tiny_llama_dir, optimizer="hybrid", hybrid_mode="round", budget=18)
+    search = LayerwiseSearch(server, by_round, metric="accuracy")
+    assert [search.optimizer_for(1, r).name for r in range(3)] == ["cma", "dynfwa", "cma"]
+    fwa = tiny_config(tiny_llama_dir, optimizer="fwa", fwa_variant="bbfwa", budget=18)
+    assert LayerwiseSearch(server, fwa, metric="accuracy").optimizer_for(0, 0).name == "bbfwa"

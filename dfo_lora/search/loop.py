@@ -51,10 +51,19 @@ def layer_order(config: TuneConfig, num_layers: int, round_index: int) -> list[i
 
 
 def optimizer_kinds(config: TuneConfig) -> list[str]:
-    """Optimizer names each layer holds (hybrid-by-round: both kinds, one used per round)."""
+    """Optimizer names each layer holds (hybrid: both kinds; `fwa` = the chosen variant)."""
+    if config.optimizer == "fwa":
+        return [config.fwa_variant]
     if config.optimizer != "hybrid":
         return [config.optimizer]
     return ["cma", config.fwa_variant]
+
+
+def options_for(config: TuneConfig, kind: str) -> dict:
+    """`optimizer_options` go to the configured optimizer; in a hybrid, to its Fireworks half."""
+    if config.optimizer == "hybrid" and kind.startswith("cma"):
+        return {}
+    return dict(config.optimizer_options)
 
 
 def rounds_for(config: TuneConfig, num_layers: int) -> int:
