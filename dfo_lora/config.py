@@ -9,7 +9,6 @@ names the field; an unknown key gets a did-you-mean.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, did_you_mean
 from dfo_lora.lowrank import LowRankConfig
 from dfo_lora.server import LOSSES, ServerOptions
 from dfo_lora.server.factory import ServerSpec
@@ -189,13 +188,8 @@ class TuneConfig:
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise UserError(
-            f"{name}: {value!r} is not one of {', '.join(choices)}{_hint(str(value), choices)}"
+            f"{name}: {value!r} is not one of {', '.join(choices)}{did_you_mean(str(value), choices)}"
         )
-
-
-def _hint(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 FIELD_TYPES = typing.get_type_hints(TuneConfig)
@@ -205,7 +199,7 @@ def coerce(name: str, value, where: str = ""):
     """Convert a YAML or command-line value to the field's type, or fail naming the field."""
     if name not in FIELD_TYPES:
         known = [f.name for f in fields(TuneConfig)]
-        raise UserError(f"{where}unknown config key {name!r}{_hint(name, known)}")
+        raise UserError(f"{where}unknown config key {name!r}{did_you_mean(name, known)}")
     kind = FIELD_TYPES[name]
     optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
     if optional:

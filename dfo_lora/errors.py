@@ -5,6 +5,14 @@ raises `UserError` with a one-line message that names the file, line or field. T
 prints it as `error: <message>` and exits with code 2, without a traceback.
 """
 
+import difflib
+
 
 class UserError(Exception):
     """Bad input from the user; the message is one line and names the cause."""
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """ "; did you mean 'x'?" for the closest choice, or "" when nothing is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""

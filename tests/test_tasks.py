@@ -639,7 +639,7 @@ def test_custom_pair_task_from_tsv_without_test(tmp_path, roberta_tok):
         (("labels: [bad, good]", "labels: [bad]"), "at least 2 labels"),
         (("verbalizer: [terrible, great]", "verbalizer: [great]"), "field 'verbalizer' has 1"),
         (("verbalizer: [terrible, great]", "verbalizer: [' bad', great]"), "surrounding spaces"),
-        (("name: reviews", "nme: reviews"), "unknown field 'nme' (did you mean 'name'?)"),
+        (("name: reviews", "nme: reviews"), "unknown field 'nme'; did you mean 'name'?"),
         (("name: reviews\n", ""), "missing field 'name'"),
         (('  clm: "{text_a} . It was"', '  clm: "It was"'), "'templates.clm' must contain"),
         (('  clm: "{text_a} . It was"', '  clm: "{text_a} {mask}"'), "must not contain {mask}"),

@@ -26,7 +26,6 @@ the API by calling code (tell without ask, wrong shapes) raises `ValueError`/`Ru
 
 from __future__ import annotations
 
-import difflib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -34,19 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, did_you_mean
 
 STATE_VERSION = 1  # bump when the layout of state_dict() changes
 
 CMA_NAMES = ("cma", "cma_diag")
 FIREWORKS_NAMES = ("fwa", "efwa", "dynfwa", "bbfwa")
 OPTIMIZER_NAMES = CMA_NAMES + FIREWORKS_NAMES
-
-
-def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 # ---------------------------------------------------------------------------------------

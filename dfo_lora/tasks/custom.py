@@ -23,13 +23,12 @@ Example (paths are relative to the YAML file)::
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 
 import yaml
 
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, did_you_mean
 from dfo_lora.tasks.spec import FileSource, TaskSpec, validate_spec
 
 _TOP_KEYS = (
@@ -50,8 +49,7 @@ _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 def _check_keys(mapping: dict, allowed: tuple[str, ...], where: str, prefix: str = "") -> None:
     for key in mapping:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            hint = did_you_mean(key, allowed, prefix)
             raise UserError(
                 f"{where}: unknown field {prefix + str(key)!r}{hint}; known: {', '.join(allowed)}"
             )

@@ -22,12 +22,11 @@ SentencePiece) or the bare word (WordPiece).
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, did_you_mean
 
 METRICS = ("accuracy", "f1")
 PLACEHOLDER_RE = re.compile(r"(\{text_a\}|\{text_b\}|\{mask\})")
@@ -319,8 +318,7 @@ def get_task(name: str) -> TaskSpec:
     spec = _REGISTRY.get(name)
     if spec is not None:
         return spec
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, _REGISTRY)
     raise UserError(f"unknown task {name!r} (known: {', '.join(_REGISTRY)}){hint}")
 
 
