@@ -23,6 +23,7 @@ from dfo_lora.tasks.sampling import (
 from dfo_lora.tasks.spec import (
     Example,
     FileSource,
+    HFSource,
     TaskSpec,
     get_task,
     list_tasks,
@@ -34,6 +35,7 @@ __all__ = [
     "Example",
     "FewShotData",
     "FileSource",
+    "HFSource",
     "Splits",
     "TaskSpec",
     "build_few_shot",

@@ -1,12 +1,24 @@
-"""Reading task data: JSONL / CSV / TSV files into `Example` lists, with one-line errors.
+"""Reading task data into `Example` lists, with one-line errors.
 
-Built-in tasks read `<data_dir>/<task>/{train,test}.jsonl` (layout of shared/data/README.md:
-single-sentence rows `{"text", "label"}`, pair rows `{"text_a", "text_b", "label"}`).
+Built-in tasks have three sources, chosen by `data_dir` (`--data-dir`):
+
+1. Local JSON Lines (the default): `<data_dir>/<task>/{train,test}.jsonl`, layout of
+   shared/data/README.md: single-sentence rows `{"text", "label"}`, pair rows
+   `{"text_a", "text_b", "label"}`. Malformed rows raise `UserError` naming file and line.
+2. A folder written by Hugging Face `datasets` (`DatasetDict.save_to_disk`, recognised by
+   its `dataset_dict.json`; or `Dataset.save_to_disk`, recognised by `state.json`):
+   `data_dir` itself or `<data_dir>/<task>`. Read with `datasets.load_from_disk`, using the
+   task's hub columns, splits and label mapping (`TaskSpec.hf`). A single saved Dataset is
+   the pool only: test = pool minus the sampled train and dev.
+3. The Hugging Face hub: `data_dir="hf"` (`--data-dir hf`) calls
+   `datasets.load_dataset(<TaskSpec.hf.path>, <TaskSpec.hf.name>)`. With no `data_dir`
+   given, a task whose local folder is missing falls back to the hub when `datasets` is
+   installed. Offline, `HF_DATASETS_OFFLINE=1` makes this read the local `datasets` cache
+   only. Failing to load gives a one-line `UserError` naming the dataset and the cause.
+
+Rows from (2) and (3) pass the same checks as file rows; errors name the dataset, the
+split and the row index (0-based). `datasets` is optional (`pip install datasets`).
 Custom tasks (YAML, see `custom.py`) read the files and columns their `data` section names.
-Every malformed row raises `UserError` naming the file and line.
-
-Hugging Face `datasets` is deliberately not used: it is not a dependency, and the local
-files (plus the downloaded `mr` task) cover every task the tool registers.
 """
 
 from __future__ import annotations
@@ -18,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfo_lora.errors import UserError
-from dfo_lora.tasks.spec import TEST_FROM_POOL, Example, FileSource, TaskSpec
+from dfo_lora.tasks.spec import TEST_FROM_POOL, Example, FileSource, HFSource, TaskSpec
+
+HUB = "hf"  # the `data_dir` value that means: load from the Hugging Face hub
 
 
 @dataclass
@@ -169,20 +183,43 @@ def _clean(spec: TaskSpec, examples: list[Example]) -> list[Example]:
 
 
 def load_splits(spec: TaskSpec, data_dir: str | os.PathLike | None = None) -> Splits:
-    """The pool (train file) and test set of a task.
+    """The pool (train split) and test set of a task; see the module docstring.
 
-    Built-in tasks read `<data_dir>/<data_subdir>/{train,test}.jsonl`; `data_dir` None means
-    `default_data_dir()`. The `mr` task uses `<data_dir>/mr` when it exists, else the
+    `data_dir` is "hf" (the Hugging Face hub; a folder named hf is "./hf"), a folder
+    written by `datasets`' `save_to_disk`, a folder with `<data_subdir>/{train,test}.jsonl`,
+    or None for `default_data_dir()` (with the hub as fallback when the task's folder is
+    missing and `datasets` is installed). The `mr` task uses `<data_dir>/mr` when it exists, else the
     download cache (`ensure_mr`). Custom tasks read the files named in their YAML.
     """
     if spec.source is not None:
         return _load_custom(spec, spec.source)
+    if data_dir is not None and os.fspath(data_dir) == HUB:
+        return _load_hub(spec)
+    if data_dir is not None:
+        saved = _saved_dataset(Path(data_dir), spec)
+        if saved is not None:
+            return _load_saved(spec, saved)
     if spec.name == "mr" and (data_dir is None or not (Path(data_dir) / "mr").is_dir()):
         from dfo_lora.tasks.mr import ensure_mr
 
         folder = ensure_mr()
     else:
-        folder = Path(data_dir if data_dir is not None else default_data_dir()) / spec.data_subdir
+        if data_dir is not None:
+            root = Path(data_dir)
+        else:
+            try:
+                root = default_data_dir()
+            except UserError as e:
+                if os.environ.get("DFO_LORA_DATA") or not _hub_fallback(spec):
+                    raise UserError(f"{e}{_hub_hint(spec)}") from None
+                return _load_hub(spec, why="no local data directory was found")
+        folder = root / spec.data_subdir
+        if data_dir is None:
+            if not folder.is_dir() and _hub_fallback(spec):
+                return _load_hub(spec, why=f"{folder} does not exist")
+            saved = _saved_dataset(root, spec)
+            if saved is not None:
+                return _load_saved(spec, saved)
     if spec.is_pair:
         columns = ("text_a", "text_b", "label")
     else:
@@ -190,7 +227,9 @@ def load_splits(spec: TaskSpec, data_dir: str | os.PathLike | None = None) -> Sp
     train_path = folder / "train.jsonl"
     test_path = folder / "test.jsonl"
     if not train_path.is_file():
-        raise UserError(f"{train_path}: no such file (task {spec.name}; check --data-dir)")
+        raise UserError(
+            f"{train_path}: no such file (task {spec.name}; check --data-dir{_hub_hint(spec)})"
+        )
     pool = _clean(spec, read_examples(train_path, spec, *columns))
     if not test_path.is_file():
         if spec.name not in TEST_FROM_POOL:
@@ -204,6 +243,145 @@ def load_splits(spec: TaskSpec, data_dir: str | os.PathLike | None = None) -> Sp
     test = _clean(spec, read_examples(test_path, spec, *columns))
     note = f"{spec.name}: test = {test_path} ({len(test)} examples)"
     return Splits(pool=pool, test=test, test_note=note)
+
+
+# ---------------------------------------------------------------- Hugging Face `datasets`
+
+
+def _datasets_module():
+    """The `datasets` package, or None when it is not installed."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    return datasets
+
+
+def _require_datasets(what: str):
+    datasets = _datasets_module()
+    if datasets is None:
+        raise UserError(f"{what} needs the Hugging Face `datasets` package: pip install datasets")
+    return datasets
+
+
+def _hub_fallback(spec: TaskSpec) -> bool:
+    """Whether a task with no local data may be loaded from the hub instead."""
+    return spec.hf is not None and _datasets_module() is not None
+
+
+def _hub_hint(spec: TaskSpec) -> str:
+    if spec.hf is None:
+        return ""
+    if _datasets_module() is None:
+        return (
+            ", or `pip install datasets` and use --data-dir hf to load it from the Hugging Face hub"
+        )
+    return ", or use --data-dir hf to load it from the Hugging Face hub"
+
+
+def _columns(spec: TaskSpec) -> HFSource:
+    """The task's hub columns; for a task without one, our JSONL column names."""
+    if spec.hf is not None:
+        return spec.hf
+    text_a, text_b = ("text_a", "text_b") if spec.is_pair else ("text", None)
+    return HFSource(spec.name, None, "train", "test", text_a, text_b, "label")
+
+
+def _saved_dataset(folder: Path, spec: TaskSpec) -> Path | None:
+    """`folder` (or `folder/<data_subdir>`) when it holds a `save_to_disk` dataset."""
+    for candidate in (folder, folder / spec.data_subdir):
+        if (candidate / "dataset_dict.json").is_file() or (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _hf_examples(spec: TaskSpec, src: HFSource, dataset, where: str) -> list[Example]:
+    """Examples from a `datasets.Dataset` with the columns of `src`; UserError on bad rows."""
+    wanted = [c for c in (src.text_a, src.text_b, src.label) if c is not None]
+    missing = [c for c in wanted if c not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"{where}: no column {missing[0]!r} (columns: {', '.join(dataset.column_names)})"
+        )
+    label_map = dict(src.label_map)
+    skip = set(src.skip_labels)
+    # `[:]`: a plain list (newer `datasets` return a lazy Column, slow to index per row).
+    texts_a = dataset[src.text_a][:]
+    texts_b = dataset[src.text_b][:] if src.text_b is not None else None
+    labels = dataset[src.label][:]
+    examples = []
+    for i, raw in enumerate(labels):
+        row_where = f"{where} row {i}"
+        if raw is None:
+            raise UserError(f"{row_where}: missing field {src.label!r}")
+        if isinstance(raw, (int, str)) and not isinstance(raw, bool):
+            if raw in skip:
+                continue
+            raw = label_map.get(raw, raw)
+        row = {src.text_a: texts_a[i]}
+        if texts_b is not None:
+            row[src.text_b] = texts_b[i]
+        examples.append(
+            Example(
+                text_a=_text(row, src.text_a, row_where),
+                text_b=_text(row, src.text_b, row_where) if src.text_b is not None else None,
+                label=_parse_label(raw, spec, row_where),
+            )
+        )
+    if not examples:
+        raise UserError(f"{where}: no examples")
+    return examples
+
+
+def _splits_from(spec: TaskSpec, src: HFSource, data, where: str, note: str) -> Splits:
+    """Splits from a DatasetDict (pool = `src.train`, test = `src.test`) or a Dataset."""
+    if not isinstance(data, dict):  # a single Dataset (DatasetDict is a dict): the pool
+        pool = _clean(spec, _hf_examples(spec, src, data, where))
+        note = (
+            f"{spec.name}: {where} is a single split; the test set is the rest of the "
+            f"{len(pool)}-example pool after removing the sampled train and dev"
+        )
+        return Splits(pool=pool, test=[], test_note=note, test_from_pool=True)
+    names = list(data.keys())
+    for split in (src.train, src.test):
+        if split not in names:
+            raise UserError(f"{where}: no split {split!r} (splits: {', '.join(names)})")
+    pool = _clean(spec, _hf_examples(spec, src, data[src.train], f"{where} split {src.train!r}"))
+    test = _clean(spec, _hf_examples(spec, src, data[src.test], f"{where} split {src.test!r}"))
+    message = f"{spec.name}: test = {where} split {src.test!r} ({len(test)} examples)"
+    return Splits(pool=pool, test=test, test_note=message + (f"; {note}" if note else ""))
+
+
+def _load_hub(spec: TaskSpec, why: str | None = None) -> Splits:
+    """The task's Hugging Face dataset via `datasets.load_dataset`; `why` says why (fallback)."""
+    if spec.hf is None:
+        raise UserError(f"task {spec.name} has no Hugging Face dataset; --data-dir hf needs one")
+    src = spec.hf
+    where = f"Hugging Face dataset {src.dataset_id}"
+    datasets = _require_datasets(f"--data-dir hf (task {spec.name}, {src.dataset_id})")
+    try:
+        data = datasets.load_dataset(src.path, src.name)
+    except Exception as e:  # network, missing repo, gated, offline cache miss, ...
+        prefix = f"{why}, so tried the hub: " if why else ""
+        raise UserError(f"{spec.name}: {prefix}could not load {where}: {_first_line(e)}") from None
+    note = f"loaded from the hub because {why}" if why else ""
+    return _splits_from(spec, src, data, where, note)
+
+
+def _load_saved(spec: TaskSpec, folder: Path) -> Splits:
+    """A dataset written by `save_to_disk`, read with the task's hub columns."""
+    datasets = _require_datasets(f"{folder} (a saved Hugging Face dataset)")
+    try:
+        data = datasets.load_from_disk(str(folder))
+    except Exception as e:
+        raise UserError(f"{folder}: could not load the saved dataset: {_first_line(e)}") from None
+    return _splits_from(spec, _columns(spec), data, str(folder), "")
 
 
 def _load_custom(spec: TaskSpec, src: FileSource) -> Splits:

@@ -60,13 +60,43 @@ class FileSource:
 
 
 @dataclass(frozen=True)
+class HFSource:
+    """Where a built-in task lives on the Hugging Face hub (`--data-dir hf`, or a folder
+    written by `datasets`' `save_to_disk`).
+
+    `path` / `name` are the first two arguments of `datasets.load_dataset`; `train` is the
+    split used as the few-shot pool and `test` the split scored as test; `text_a`, `text_b`
+    (None for single-sentence tasks) and `label` are column names. `label_map` lists
+    (hub label, our label) pairs where the hub's label differs from ours (labels not listed
+    are taken as they are); rows whose hub label is in `skip_labels` are dropped (SNLI's -1,
+    "no gold label").
+    """
+
+    path: str
+    name: str | None
+    train: str
+    test: str
+    text_a: str
+    text_b: str | None
+    label: str
+    label_map: tuple[tuple[int | str, int], ...] = ()
+    skip_labels: tuple[int | str, ...] = ()
+
+    @property
+    def dataset_id(self) -> str:
+        """`path` with its config, e.g. "nyu-mll/glue (sst2)", for messages."""
+        return self.path if self.name is None else f"{self.path} ({self.name})"
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """A classification task: labels, how an input becomes a prompt, how labels become words.
 
     Templates use the placeholders {text_a}, {text_b} (pair tasks only) and {mask} (masked
     LM only, exactly once). `clm_verbalizer`, when set, replaces `verbalizer` for causal LMs
     (used where a paper word is several tokens for common causal tokenizers). `source` is
-    set for custom tasks loaded from YAML; built-in tasks read `<data_dir>/<data_subdir>`.
+    set for custom tasks loaded from YAML; built-in tasks read `<data_dir>/<data_subdir>`,
+    or the Hugging Face dataset `hf` names (see `loaders.load_splits`).
     """
 
     name: str
@@ -79,6 +109,7 @@ class TaskSpec:
     description: str  # one line for `dfo-lora tasks`
     clm_verbalizer: tuple[str, ...] | None = None
     source: FileSource | None = None
+    hf: HFSource | None = None
 
     @property
     def n_labels(self) -> int:
@@ -146,6 +177,18 @@ def validate_spec(
     pair_c = "{text_b}" in spec.clm_template
     if pair_m != pair_c:
         raise UserError(f"{where}: {{text_b}} must appear in both templates or in neither")
+    if spec.hf is not None:
+        if (spec.hf.text_b is not None) != pair_m:
+            raise UserError(
+                f"{where}: Hugging Face source {spec.hf.dataset_id} must name a text_b column "
+                "exactly when the templates use {text_b}"
+            )
+        for hub, ours in spec.hf.label_map:
+            if isinstance(ours, bool) or not isinstance(ours, int) or not 0 <= ours < n:
+                raise UserError(
+                    f"{where}: Hugging Face label_map sends {hub!r} to {ours!r}, "
+                    f"not one of 0..{n - 1}"
+                )
 
 
 _SENTIMENT_MLM = "{text_a} . It was {mask} ."
@@ -153,6 +196,16 @@ _SENTIMENT_CLM = "{text_a} . It was"
 _PAIR_MLM = "{text_a} ? {mask} , {text_b}"
 _PAIR_CLM = "{text_a}\nQuestion: {text_b} Yes or no?\nAnswer:"
 
+# `hf=`: the task on the Hugging Face hub, HFSource(path, config, pool split, test split,
+# text_a column, text_b column, label column). Every hub label order below equals ours
+# (shared/data/README.md), so no task needs a label_map: GLUE sst2 0 negative / 1 positive,
+# mrpc 0 not_equivalent / 1 equivalent, rte 0 entailment / 1 not_entailment; SNLI 0 entailment /
+# 1 neutral / 2 contradiction, -1 (no gold label) dropped; yelp_polarity "1" / "2" stars-class
+# = negative / positive; ag_news World, Sports, Business, Sci/Tech; dbpedia_14 in our order
+# (text = `content` only, no title, as BBT and our local pool); SetFit/sst5 0 very negative ..
+# 4 very positive; trec `coarse_label` ABBR, ENTY, DESC, HUM, LOC, NUM; rotten_tomatoes
+# 0 neg / 1 pos. From the hub, yelp_polarity and dbpedia get their official test split, and
+# mr the Rotten Tomatoes train/test split (not the fixed 2,000-row split of `mr.py`).
 _BUILTIN: tuple[TaskSpec, ...] = (
     TaskSpec(
         name="sst2",
@@ -162,6 +215,7 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template=_SENTIMENT_CLM,
         metric="accuracy",
         data_subdir="sst2",
+        hf=HFSource("nyu-mll/glue", "sst2", "train", "validation", "sentence", None, "label"),
         description="SST-2 movie-review sentiment (GLUE; test = GLUE dev, 872)",
     ),
     TaskSpec(
@@ -172,6 +226,7 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template=_SENTIMENT_CLM,
         metric="accuracy",
         data_subdir="yelp_polarity",
+        hf=HFSource("fancyzhx/yelp_polarity", None, "train", "test", "text", None, "label"),
         description="Yelp review polarity (local pool only: test = pool minus train/dev)",
     ),
     TaskSpec(
@@ -182,6 +237,7 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template="{text_a} Topic:",
         metric="accuracy",
         data_subdir="agnews",
+        hf=HFSource("fancyzhx/ag_news", None, "train", "test", "text", None, "label"),
         description="AG News topic, 4 classes (official test, 7,600)",
     ),
     TaskSpec(
@@ -238,6 +294,7 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template="{text_a} Category:",
         metric="accuracy",
         data_subdir="dbpedia",
+        hf=HFSource("fancyzhx/dbpedia_14", None, "train", "test", "content", None, "label"),
         description="DBPedia-14 ontology, 14 classes (local pool only: test = pool minus train/dev)",
     ),
     TaskSpec(
@@ -248,6 +305,9 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template=_PAIR_CLM,
         metric="f1",
         data_subdir="mrpc",
+        hf=HFSource(
+            "nyu-mll/glue", "mrpc", "train", "validation", "sentence1", "sentence2", "label"
+        ),
         description="MRPC paraphrase, sentence pairs, F1 (GLUE; test = GLUE dev, 408)",
     ),
     TaskSpec(
@@ -258,6 +318,16 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template="{text_a}\nQuestion: {text_b} Yes, no, or maybe?\nAnswer:",
         metric="accuracy",
         data_subdir="snli",
+        hf=HFSource(
+            "stanfordnlp/snli",
+            None,
+            "train",
+            "test",
+            "premise",
+            "hypothesis",
+            "label",
+            skip_labels=(-1,),
+        ),
         description="SNLI entailment, 3 classes (official test, 9,824)",
     ),
     TaskSpec(
@@ -268,6 +338,9 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template=_PAIR_CLM,
         metric="accuracy",
         data_subdir="rte",
+        hf=HFSource(
+            "nyu-mll/glue", "rte", "train", "validation", "sentence1", "sentence2", "label"
+        ),
         description="RTE entailment, sentence pairs (GLUE; test = GLUE dev, 277)",
     ),
     TaskSpec(
@@ -278,6 +351,7 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template=_SENTIMENT_CLM,
         metric="accuracy",
         data_subdir="sst5",
+        hf=HFSource("SetFit/sst5", None, "train", "test", "text", None, "label"),
         description="SST-5 fine-grained sentiment, 5 classes (official test, 2,210)",
     ),
     TaskSpec(
@@ -290,6 +364,7 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template="{text_a} Answer type:",
         metric="accuracy",
         data_subdir="trec",
+        hf=HFSource("CogComp/trec", None, "train", "test", "text", None, "coarse_label"),
         description="TREC-6 question type, 6 classes (official test, 500)",
     ),
     TaskSpec(
@@ -300,6 +375,15 @@ _BUILTIN: tuple[TaskSpec, ...] = (
         clm_template=_SENTIMENT_CLM,
         metric="accuracy",
         data_subdir="mr",
+        hf=HFSource(
+            "cornell-movie-review-data/rotten_tomatoes",
+            None,
+            "train",
+            "test",
+            "text",
+            None,
+            "label",
+        ),
         description="Movie-review snippets (Rotten Tomatoes polarity via vaderSentiment; "
         "downloaded on first use; fixed 2,000-row test)",
     ),
