@@ -188,8 +188,8 @@ def load_splits(spec: TaskSpec, data_dir: str | os.PathLike | None = None) -> Sp
     `data_dir` is "hf" (the Hugging Face hub; a folder named hf is "./hf"), a folder
     written by `datasets`' `save_to_disk`, a folder with `<data_subdir>/{train,test}.jsonl`,
     or None for `default_data_dir()` (with the hub as fallback when the task's folder is
-    missing and `datasets` is installed). The `mr` task uses `<data_dir>/mr` when it exists, else the
-    download cache (`ensure_mr`). Custom tasks read the files named in their YAML.
+    missing and `datasets` is installed). The `mr` task uses `<data_dir>/mr` when it exists,
+    else the download cache (`ensure_mr`). Custom tasks read the files named in their YAML.
     """
     if spec.source is not None:
         return _load_custom(spec, spec.source)
