@@ -44,7 +44,8 @@ class TuneConfig:
     model: str = opt("smollm2-135m", "preset, local folder, .gguf file or hub id")
     task: str = opt("sst2", "registered task name or a YAML task file")
     data_dir: str | None = opt(
-        None, "folder with <task>/{train,test}.jsonl; default ../shared/data"
+        None,
+        "folder with <task>/{train,test}.jsonl, a datasets save_to_disk folder, or hf (the hub)",
     )
     k: int = opt(16, "examples per class in train, and again in dev")
     seed: int = opt(42, "few-shot sample, projections and optimizers")
