@@ -208,3 +208,9 @@ def test_hybrid_alternates_optimizer_kinds(tiny_llama_dir):
     assert [search.optimizer_for(1, r).name for r in range(3)] == ["cma", "dynfwa", "cma"]
     fwa = tiny_config(tiny_llama_dir, optimizer="fwa", fwa_variant="bbfwa", budget=18)
     assert LayerwiseSearch(server, fwa, metric="accuracy").optimizer_for(0, 0).name == "bbfwa"
+    # optimizer_options reach the Fireworks half only
+    with_opts = tiny_config(
+        tiny_llama_dir, optimizer="hybrid", optimizer_options={"cr": 0.5}, budget=18
+    )
+    search = LayerwiseSearch(server, with_opts, metric="accuracy")
+    assert search.optimizer_for(1, 0).options["cr"] == 0.5

@@ -124,7 +124,12 @@ class LayerwiseSearch:
         self.optimizers = [
             [
                 self.factory.make(
-                    kind, self.dim, config.popsize, config.sigma, self._seed(layer, i)
+                    kind,
+                    self.dim,
+                    config.popsize,
+                    config.sigma,
+                    self._seed(layer, i),
+                    **options_for(config, kind),
                 )
                 for i, kind in enumerate(self.kinds)
             ]
