@@ -1,0 +1,343 @@
+"""`dfo-lora sweep FILE`: a grid of tuning runs, run concurrently over Ray server actors.
+
+Sweep file (YAML; see experiments/configs/sweep_example.yaml):
+
+    out: runs/sweep-example      # one folder per run under it, and sweep.jsonl
+    concurrency: 0               # runs at a time; 0 = as many as the cluster's servers allow
+    grid:                        # the product of these lists, in this order
+      model: [smollm2-135m]
+      task: [sst2, rte]
+      seed: [13, 42]
+      method: [cma, dynfwa]      # = optimizer
+    config:                      # TuneConfig values for every run (any `tune` option)
+      budget: 600
+      servers: 1                 # server actors per replica group (see below)
+
+Any TuneConfig field can be a grid key. Runs whose server is the same (model, task,
+data, seed, space and server options: `ServerSpec`) share one group of server actors;
+those differing only in the search (method, popsize, budget, schedule) interleave on the
+same replicas, each through its own state token (servers.RemoteServer). A group is
+started when its first run starts and stopped after its last run, and groups start only
+while the cluster has the CPUs/GPUs for them, so a long grid never waits on resources
+that its own finished groups still hold.
+
+Each run writes the usual output folder (`<out>/<key>=<value>__...`); `sweep.jsonl`
+(one line per run, in grid order) is rewritten after every run. A re-run skips runs
+whose results.json exists, resumes runs that left a checkpoint with the same config,
+and starts the others afresh. `backend: local` in `config` runs the grid one run at a
+time in this process instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import re
+import threading
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dfo_lora.config import TuneConfig, coerce, read_yaml_mapping
+from dfo_lora.errors import UserError
+
+SWEEP_KEYS = ("out", "concurrency", "grid", "config")
+ALIASES = {"method": "optimizer"}
+JSONL = "sweep.jsonl"
+
+
+@dataclass
+class SweepRun:
+    name: str
+    params: dict  # grid values, keyed as in the file
+    config: TuneConfig
+    out: Path
+
+    @property
+    def group_key(self) -> str:
+        c = self.config
+        spec = c.server_spec().to_dict()
+        return json.dumps([spec, c.servers, c.gpus_per_server, c.cpus_per_server], sort_keys=True)
+
+
+@dataclass
+class Sweep:
+    path: Path
+    out: Path
+    concurrency: int
+    runs: list[SweepRun]
+
+
+def _slug(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(_slug(v) for v in value)
+    text = str(value)
+    if "/" in text or "\\" in text:
+        text = Path(text).name
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
+def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None) -> Sweep:
+    """Parse and validate the whole grid (every run's config) before anything runs."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    for key in data:
+        if key not in SWEEP_KEYS:
+            close = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"{path}: unknown sweep key {key!r} (keys: {', '.join(SWEEP_KEYS)}){hint}"
+            )
+    grid = data.get("grid") or {}
+    base = data.get("config") or {}
+    for name, value in (("grid", grid), ("config", base)):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: {name}: expected a mapping, got {type(value).__name__}")
+    values: dict = {"backend": "ray"}
+    for key, value in base.items():
+        if key in ALIASES:
+            key = ALIASES[key]
+        values[key] = coerce(key, value, where=f"{path}: config: ")
+    axes = []
+    for key, options in grid.items():
+        field = ALIASES.get(key, key)
+        options = options if isinstance(options, list) else [options]
+        if not options:
+            raise UserError(f"{path}: grid: {key}: empty list")
+        axes.append((key, [coerce(field, v, where=f"{path}: grid: ") for v in options]))
+    root = Path(out) if out is not None else Path(data.get("out") or Path("runs") / path.stem)
+    concurrency = data.get("concurrency", 0) if concurrency is None else concurrency
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 0:
+        raise UserError(f"{path}: concurrency: {concurrency!r} is not a whole number >= 0")
+    runs, seen = [], {}
+    for combo in itertools.product(*[options for _, options in axes]):
+        params = {key: value for (key, _), value in zip(axes, combo, strict=True)}
+        name = "__".join(f"{key}={_slug(v)}" for key, v in params.items()) or "run"
+        if name in seen:
+            raise UserError(
+                f"{path}: grid: runs {seen[name]} and {params} get the same folder name {name!r}"
+            )
+        seen[name] = params
+        config = TuneConfig()
+        for key, value in {**values, **{ALIASES.get(k, k): v for k, v in params.items()}}.items():
+            setattr(config, key, value)
+        try:
+            config.validate()
+        except UserError as exc:
+            raise UserError(f"{path}: run {name}: {exc}") from None
+        runs.append(SweepRun(name, params, config, root / name))
+    addresses = {r.config.address for r in runs if r.config.backend == "ray"}
+    if len(addresses) > 1:
+        raise UserError(f"{path}: address: one sweep uses one cluster, got {sorted(addresses)}")
+    return Sweep(path, root, concurrency, runs)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _record(run: SweepRun, root: Path, status: str, results=None, error=None) -> dict:
+    record = {"run": run.name, "dir": str(run.out.relative_to(root)), "params": run.params}
+    record["status"] = status
+    if results is not None:
+        metric = results["metric"]
+        record.update(
+            metric=metric,
+            dev=results["tuned"]["dev"][metric],
+            test=results["tuned"]["test"][metric],
+            zero_shot_dev=results["zero_shot"]["dev"][metric],
+            zero_shot_test=results["zero_shot"]["test"][metric],
+            best_dev_evals=results["best_dev_evals"],
+            evaluations=results["evaluations"],
+            wall_time_s=results["wall_time_s"],
+        )
+    if error is not None:
+        record["error"] = error
+    return record
+
+
+def _resumable(run: SweepRun) -> bool:
+    from dfo_lora.search.run import CHECKPOINT
+
+    saved = run.out / "config.yaml"
+    if not (saved.is_file() and (run.out / CHECKPOINT).is_file()):
+        return False
+    try:
+        return yaml.safe_load(saved.read_text()) == yaml.safe_load(run.config.to_yaml())
+    except yaml.YAMLError:
+        return False
+
+
+class _Resources:
+    """CPUs and GPUs that server groups of this sweep may still reserve."""
+
+    def __init__(self, cpus: float, gpus: float):
+        self.free = {"CPU": cpus, "GPU": gpus}
+        self.total = dict(self.free)
+        self.cond = threading.Condition()
+
+    def _need(self, config: TuneConfig) -> dict:
+        n = config.servers
+        return {"CPU": n * config.cpus_per_server, "GPU": n * config.gpus_per_server}
+
+    def take(self, config: TuneConfig) -> None:
+        need = self._need(config)
+        for key, amount in need.items():
+            if amount > self.total[key] + 1e-9:
+                return  # can never fit: ServerGroup.start reports it in one line
+        with self.cond:
+            self.cond.wait_for(lambda: all(need[k] <= self.free[k] + 1e-9 for k in need))
+            for key, amount in need.items():
+                self.free[key] -= amount
+
+    def give(self, config: TuneConfig) -> None:
+        with self.cond:
+            for key, amount in self._need(config).items():
+                self.free[key] += amount
+            self.cond.notify_all()
+
+
+class _Groups:
+    """Server groups by ServerSpec, started on first use, stopped after their last run."""
+
+    def __init__(self, runs: list[SweepRun], resources: _Resources):
+        self.remaining = Counter(r.group_key for r in runs)
+        self.resources = resources
+        self.groups: dict = {}
+        self.errors: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.key_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+
+    def acquire(self, run: SweepRun):
+        from dfo_lora.distributed.servers import ServerGroup
+
+        key, c = run.group_key, run.config
+        with self.lock:
+            key_lock = self.key_locks[key]
+        with key_lock:
+            if key in self.errors:
+                raise UserError(self.errors[key])
+            if key not in self.groups:
+                self.resources.take(c)
+                try:
+                    self.groups[key] = ServerGroup.start(
+                        c.server_spec(), c.servers, c.gpus_per_server, c.cpus_per_server
+                    )
+                except UserError as exc:
+                    self.resources.give(c)
+                    self.errors[key] = str(exc)
+                    raise
+            return self.groups[key]
+
+    def finish(self, run: SweepRun) -> None:
+        key = run.group_key
+        with self.lock:
+            self.remaining[key] -= 1
+            last = self.remaining[key] == 0
+            group = self.groups.pop(key, None) if last else None
+        if group is not None:
+            group.shutdown()
+            self.resources.give(run.config)
+
+
+def run_sweep(
+    path: str | Path,
+    out: str | Path | None = None,
+    concurrency: int | None = None,
+    echo=print,
+) -> dict:
+    """Run (or continue) a sweep; returns {"done", "skipped", "failed", "jsonl"}."""
+    from dfo_lora.search.checkpoint import atomic_write_bytes
+
+    sweep = load_sweep(path, out, concurrency)
+    records: dict[str, dict] = {}
+    lock = threading.Lock()
+    jsonl = sweep.out / JSONL
+
+    def save(run: SweepRun, record: dict) -> None:
+        with lock:
+            records[run.name] = record
+            lines = [json.dumps(records[r.name]) for r in sweep.runs if r.name in records]
+            atomic_write_bytes(jsonl, ("\n".join(lines) + "\n").encode())
+
+    todo = []
+    for run in sweep.runs:
+        done = run.out / "results.json"
+        if done.is_file():
+            save(run, _record(run, sweep.out, "skipped", json.loads(done.read_text())))
+        else:
+            todo.append(run)
+    echo(f"sweep: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished")
+
+    def one(run: SweepRun, server_for=None) -> None:
+        from dfo_lora.search.run import tune
+
+        resume = _resumable(run)
+        echo(f"sweep: {run.name}: {'resuming' if resume else 'starting'}")
+        optimizers = None
+        try:
+            kwargs = {}
+            if server_for is not None:
+                from dfo_lora.distributed.optimizers import RemoteOptimizers
+                from dfo_lora.distributed.servers import RemoteServer
+
+                kwargs["server"] = RemoteServer(server_for(run))
+                kwargs["optimizers"] = optimizers = RemoteOptimizers()
+            config = None if resume else run.config
+            results = tune(config, run.out, resume=resume, overwrite=True, progress=False, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one failed run must not stop the sweep
+            message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            save(run, _record(run, sweep.out, "failed", error=message.splitlines()[0]))
+            echo(f"sweep: {run.name}: FAILED: {message.splitlines()[0]}")
+            return
+        finally:
+            if optimizers is not None:
+                optimizers.close()
+        save(run, _record(run, sweep.out, "done", results))
+        metric = results["metric"]
+        echo(
+            f"sweep: {run.name}: done, test {metric} {results['tuned']['test'][metric]:.4f} "
+            f"(zero-shot {results['zero_shot']['test'][metric]:.4f}, "
+            f"{results['wall_time_s']:.0f} s)"
+        )
+
+    for run in [r for r in todo if r.config.backend == "local"]:
+        one(run)
+    on_ray = [r for r in todo if r.config.backend == "ray"]
+    if on_ray:
+        _run_on_ray(sweep, on_ray, one)
+    counts = Counter(r["status"] for r in records.values())
+    return {
+        "done": counts["done"],
+        "skipped": counts["skipped"],
+        "failed": counts["failed"],
+        "jsonl": str(jsonl),
+    }
+
+
+def _run_on_ray(sweep: Sweep, runs: list[SweepRun], one) -> None:
+    import ray
+
+    from dfo_lora.distributed.cluster import RaySession, capacity
+
+    order = sorted(runs, key=lambda r: r.group_key)  # a group's runs one after another
+    with RaySession(runs[0].config.address):
+        total = ray.cluster_resources()
+        groups = _Groups(runs, _Resources(total.get("CPU", 0.0), total.get("GPU", 0.0)))
+        workers = sweep.concurrency
+        if workers == 0:
+            c = runs[0].config
+            workers = max(1, capacity(c.gpus_per_server, c.cpus_per_server) // c.servers)
+        workers = min(workers, len(runs))
+
+        def job(run: SweepRun) -> None:
+            try:
+                one(run, server_for=groups.acquire)
+            finally:
+                groups.finish(run)
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sweep") as pool:
+            list(pool.map(job, order))
