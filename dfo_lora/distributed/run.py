@@ -35,12 +35,12 @@ def tune_on_ray(
     """Server replicas and the optimizer pool as actors; the loop runs in this process."""
     from dfo_lora.distributed.cluster import RaySession
     from dfo_lora.distributed.optimizers import RemoteOptimizers
-    from dfo_lora.distributed.servers import RemoteServer, ServerGroup
+    from dfo_lora.distributed.servers import RemoteServer, ServerGroup, actor_spec
     from dfo_lora.search.run import tune
 
     with RaySession(config.address):
         group = ServerGroup.start(
-            config.server_spec(),
+            actor_spec(config),
             servers=config.servers,
             gpus_per_server=config.gpus_per_server,
             cpus_per_server=config.cpus_per_server,

@@ -26,12 +26,14 @@ counted twice, and the retry computes the same chunks, so the numbers do not cha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +44,30 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 3  # restarts of one server actor before it counts as dead
 MAX_ATTEMPTS = 8  # calls for one share before the run gives up
 PING_INTERVAL_S = 0.5  # between pings of a restarting actor
+
+
+def actor_spec(config) -> object:
+    """The run's ServerSpec with local paths made absolute as this process sees them:
+    actors run in other working directories, and Ray does not hand the driver's
+    environment ($DFO_LORA_DATA) to them. On a cluster the paths must exist on every node
+    (a shared file system), or name a hub model / dataset."""
+    from dfo_lora.backbone.loading import PRESETS
+    from dfo_lora.tasks.loaders import default_data_dir
+
+    spec = config.server_spec()
+    changes = {}
+    if spec.model not in PRESETS and Path(spec.model).expanduser().exists():
+        changes["model"] = str(Path(spec.model).expanduser().resolve())
+    if spec.task.endswith((".yaml", ".yml")) and Path(spec.task).is_file():
+        changes["task"] = str(Path(spec.task).resolve())
+    if spec.data_dir is not None and Path(spec.data_dir).is_dir():
+        changes["data_dir"] = str(Path(spec.data_dir).resolve())
+    if spec.data_dir is None:
+        try:
+            changes["data_dir"] = str(default_data_dir().resolve())
+        except UserError:
+            pass  # none here: the actors look for themselves (and report it)
+    return dataclasses.replace(spec, **changes)
 
 
 def chunk_candidates(server) -> list[int]:
@@ -105,12 +131,14 @@ class ServerActor:
             "threads": torch.get_num_threads(),
         }
 
-    def ping(self) -> bool:
+    def ping(self, payload=None) -> bool:
+        """Liveness; with a payload it also measures the object transfer (bench)."""
         return True
 
+    # Arrays from Ray's object store are read-only (torch warns on them): pass copies.
     def _sync(self, token, state) -> bool:
         if state is not None:
-            self.server.set_state(state)
+            self.server.set_state(np.array(state))
             self.token = token
         return self.token == token
 
@@ -119,7 +147,9 @@ class ServerActor:
             return None
         if self.score_delay_s:
             time.sleep(self.score_delay_s)
-        return self.server.score(layer, candidates)
+        started = time.perf_counter()
+        out = self.server.score(layer, np.array(candidates, dtype=np.float64))
+        return {**out, "compute_s": time.perf_counter() - started}
 
     def evaluate(self, split: str, token, state=None):
         if not self._sync(token, state):
@@ -129,14 +159,14 @@ class ServerActor:
     def commit(self, layer: int, z: np.ndarray, before, after) -> bool:
         if self.token != before:
             return False
-        self.server.commit(layer, z)
+        self.server.commit(layer, np.array(z))
         self.token = after
         return True
 
     def set_state(self, z: np.ndarray, before, after) -> bool:
         if self.token != before:
             return False
-        self.server.set_state(z)
+        self.server.set_state(np.array(z))
         self.token = after
         return True
 
@@ -385,6 +415,7 @@ class RemoteServer:
         )
         self.on_submit = None  # hook(score call number, replica per share): fault injection
         self.score_calls = 0
+        self.last_compute_s = 0.0
         self._warned = False
 
     @property
@@ -459,6 +490,7 @@ class RemoteServer:
         self.score_calls += 1
         hook = self.on_submit and (lambda replicas: self.on_submit(self.score_calls, replicas))
         parts = self._gather([("score", (layer, cand[a:b])) for a, b in shares], hook=hook)
+        self.last_compute_s = max(p["compute_s"] for p in parts)  # slowest share, in its actor
         return {key: np.concatenate([p[key] for p in parts]) for key in ("loss", "accuracy")}
 
     def evaluate(self, split: str) -> dict:

@@ -212,7 +212,7 @@ class _Groups:
         self.key_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 
     def acquire(self, run: SweepRun):
-        from dfo_lora.distributed.servers import ServerGroup
+        from dfo_lora.distributed.servers import ServerGroup, actor_spec
 
         key, c = run.group_key, run.config
         with self.lock:
@@ -224,7 +224,7 @@ class _Groups:
                 self.resources.take(c)
                 try:
                     self.groups[key] = ServerGroup.start(
-                        c.server_spec(), c.servers, c.gpus_per_server, c.cpus_per_server
+                        actor_spec(c), c.servers, c.gpus_per_server, c.cpus_per_server
                     )
                 except UserError as exc:
                     self.resources.give(c)
