@@ -158,6 +158,51 @@ def test_killed_server_actor_changes_nothing(ray_cluster, local_run, tiny_llama_
     assert_same_run(local_run[0], tmp_path / "run")
 
 
+def test_interrupted_ray_run_resumes_exactly(ray_cluster, local_run, tiny_llama_dir):
+    """The optimizer pool's state leaves the actor only through checkpoints: stop a run
+    after its 4th generation, resume from the last checkpoint on a fresh pool."""
+    from dfo_lora.distributed.optimizers import RemoteOptimizers
+    from dfo_lora.distributed.servers import RemoteServer, ServerGroup
+    from dfo_lora.search.callbacks import Callback
+    from dfo_lora.search.loop import LayerwiseSearch
+
+    class Stop(Exception):
+        pass
+
+    class StopAfter(Callback):
+        def on_generation(self, record):
+            if record["evals"] == 4 * 6:
+                raise Stop
+
+    config = tiny_config(tiny_llama_dir)
+    group = ServerGroup.start(config.server_spec(), servers=2)
+    saved = []
+    try:
+        first = RemoteOptimizers()
+        search = LayerwiseSearch(
+            RemoteServer(group),
+            config,
+            "accuracy",
+            callbacks=[StopAfter()],
+            checkpoint=saved.append,
+            optimizers=first,
+        )
+        with pytest.raises(Stop):
+            search.run()
+        first.close()  # the first pool is gone: only the checkpoint carries its state
+        assert saved[-1]["position"]["evals"] == 3 * 6
+        second = RemoteOptimizers()
+        resumed = LayerwiseSearch(RemoteServer(group), config, "accuracy", optimizers=second)
+        resumed.load_state_dict(saved[-1])
+        results = resumed.run()
+        second.close()
+    finally:
+        group.shutdown()
+    reference = local_run[1]
+    for key in ("tuned", "zero_shot", "best_dev_evals", "evaluations"):
+        assert results[key] == reference[key], key
+
+
 def test_two_run_sweep_shares_a_server_and_skips_finished(
     ray_cluster, local_run, tiny_llama_dir, tmp_path
 ):

@@ -94,9 +94,11 @@ def run_bench(
                 proxy.score(layer, pops[0])  # warm-up (also syncs the state)
                 shares = plan_shares(popsize, proxy.unit, n)
                 handles = [r.handle for r in group.replicas]
-                wall, compute = [], []
+                wall, compute, cpu = [], [], []
                 for z in pops[1:]:
+                    cpu_started = time.process_time()
                     wall.append(_seconds(proxy.score, layer, z))
+                    cpu.append(time.process_time() - cpu_started)  # the driver's own CPU
                     compute.append(proxy.last_compute_s)  # the slowest share, in its actor
                 bare = _round_trip_s(handles[0], None)
                 loaded = _round_trip_s(handles[0], pops[0])
@@ -111,10 +113,12 @@ def run_bench(
                     "generation_s": gen,
                     "slowest_share_compute_s": comp,
                     "overhead_s": gen - comp,
+                    "driver_cpu_s": statistics.median(cpu),
                     "round_trip_s": bare,
                     "round_trip_with_population_s": loaded,
                 }
             )
+        optimizer = _optimizer_costs(popsize, intrinsic_dim, seed, max(5, generations))
     for row in rows:
         row["evals_per_s"] = popsize / row["generation_s"]
     return {
@@ -129,6 +133,33 @@ def run_bench(
         "dtype": info["dtype"],
         "generations": generations,
         "rows": rows,
+        "optimizer": optimizer,
+    }
+
+
+def _optimizer_costs(popsize: int, dim: int, seed: int, generations: int) -> dict:
+    """Seconds per ask + tell of one CMA-ES layer optimizer, in-process and in the pool
+    actor (losses made up; the remote cost adds two round trips and Z going both ways)."""
+    from dfo_lora.distributed.optimizers import RemoteOptimizers
+    from dfo_lora.optim import make_optimizer
+
+    def step(opt) -> float:
+        started = time.perf_counter()
+        z = opt.ask()
+        opt.tell(z, np.sum(z * z, axis=1))
+        return time.perf_counter() - started
+
+    local = make_optimizer("cma", dim, popsize, 1.0, seed)
+    pool = RemoteOptimizers()
+    try:
+        remote = pool.make("cma", dim, popsize, 1.0, seed)
+        step(local), step(remote)  # warm-up
+        times = [(step(local), step(remote)) for _ in range(generations)]
+    finally:
+        pool.close()
+    return {
+        "in_process_s": statistics.median(t[0] for t in times),
+        "actor_s": statistics.median(t[1] for t in times),
     }
 
 
@@ -140,22 +171,31 @@ def format_table(result: dict) -> str:
         f"median of {result['generations']} generations",
         "",
         "| setting | shares | s / generation | evaluations/s | slowest share in actor (s) "
-        "| overhead / generation (ms) | round trip (ms) | round trip with population (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| overhead / generation (ms) | driver CPU / generation (ms) | round trip (ms) "
+        "| round trip with population (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         if r["servers"] == 0:
             lines.append(
                 f"| {r['setting']} | - | {r['generation_s']:.3f} | {r['evals_per_s']:.1f} "
-                "| - | - | - | - |"
+                "| - | - | - | - | - |"
             )
             continue
         lines.append(
             f"| {r['setting']} | {r['shares']} | {r['generation_s']:.3f} | "
             f"{r['evals_per_s']:.1f} | {r['slowest_share_compute_s']:.3f} | "
-            f"{1000 * r['overhead_s']:.1f} | {1000 * r['round_trip_s']:.2f} | "
+            f"{1000 * r['overhead_s']:.1f} | {1000 * r['driver_cpu_s']:.1f} | "
+            f"{1000 * r['round_trip_s']:.2f} | "
             f"{1000 * r['round_trip_with_population_s']:.2f} |"
         )
+    opt = result["optimizer"]
+    lines += [
+        "",
+        f"CMA-ES ask + tell per generation (d {result['dim']}, popsize {result['popsize']}): "
+        f"in-process {1000 * opt['in_process_s']:.1f} ms, in the optimizer actor "
+        f"{1000 * opt['actor_s']:.1f} ms",
+    ]
     return "\n".join(lines)
 
 
