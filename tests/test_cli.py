@@ -95,12 +95,26 @@ def test_bad_config_values(tmp_path, base_args):
         ("--task", "sst3"): "sst3",
         ("--sigma", "0"): "sigma: must be positive",
         ("--fwa-variant", "dynfw"): "did you mean 'dynfwa'",
-        ("--optimizer-options", "n_fireworks=30"): "n_fireworks: 30 is more than",
-        ("--optimizer-options", "amplitude=-1"): "amplitude: -1.0 must be > 0",
+        (
+            "--optimizer",
+            "fwa",
+            "--optimizer-options",
+            "n_fireworks=30",
+        ): "n_fireworks: 30 is more than",
+        (
+            "--optimizer",
+            "fwa",
+            "--optimizer-options",
+            "amplitude=-1",
+        ): "amplitude: -1.0 must be > 0",
+        (
+            "--optimizer-options",
+            "n_fireworks=3",
+        ): "cma.n_fireworks: unknown option for optimizer 'cma'",
         ("--optimizer-options", "bogus"): "optimizer_options: 'bogus' is not a valid dict",
     }
     for extra, expected in cases.items():
-        out = tmp_path / f"out-{extra[0].strip('-')}-{extra[1]}"
+        out = tmp_path / ("out-" + "-".join(e.strip("-") for e in extra))
         line = one_line_error(run_cli(*base_args, *extra, "--out", out))
         assert expected in line, (extra, line)
         assert not (out / "results.json").exists()
