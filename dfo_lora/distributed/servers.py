@@ -32,12 +32,17 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dfo_lora.errors import UserError
+
+if TYPE_CHECKING:
+    from dfo_lora.config import TuneConfig
+    from dfo_lora.server.factory import ServerSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ MAX_ATTEMPTS = 8  # calls for one share before the run gives up
 PING_INTERVAL_S = 0.5  # between pings of a restarting actor
 
 
-def actor_spec(config) -> object:
+def actor_spec(config: TuneConfig) -> ServerSpec:
     """The run's ServerSpec with local paths made absolute as this process sees them:
     actors run in other working directories, and Ray does not hand the driver's
     environment ($DFO_LORA_DATA) to them. On a cluster the paths must exist on every node
@@ -193,7 +198,6 @@ class GroupStats:
     failed_calls: int = 0  # calls lost to a dead or restarting actor (their shares re-scored)
     resyncs: int = 0  # calls answered "other state" and retried with the full state
     calls: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ServerGroup:

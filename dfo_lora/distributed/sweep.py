@@ -186,8 +186,12 @@ class _Resources:
     def take(self, config: TuneConfig) -> None:
         need = self._need(config)
         for key, amount in need.items():
-            if amount > self.total[key] + 1e-9:
-                return  # can never fit: ServerGroup.start reports it in one line
+            if amount > self.total[key] + 1e-9:  # would wait forever
+                option = {"CPU": "cpus_per_server", "GPU": "gpus_per_server"}[key]
+                raise UserError(
+                    f"{option}: {config.servers} server(s) need {amount:g} {key}s, but the Ray "
+                    f"cluster has {self.total[key]:g} {key}s"
+                )
         with self.cond:
             self.cond.wait_for(lambda: all(need[k] <= self.free[k] + 1e-9 for k in need))
             for key, amount in need.items():
@@ -221,7 +225,11 @@ class _Groups:
             if key in self.errors:
                 raise UserError(self.errors[key])
             if key not in self.groups:
-                self.resources.take(c)
+                try:
+                    self.resources.take(c)
+                except UserError as exc:
+                    self.errors[key] = str(exc)
+                    raise
                 try:
                     self.groups[key] = ServerGroup.start(
                         actor_spec(c), c.servers, c.gpus_per_server, c.cpus_per_server
