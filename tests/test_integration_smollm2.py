@@ -56,9 +56,11 @@ def test_random_candidate_changes_the_loss(sst2_server):
         assert abs(losses[1] - losses[0]) > 1e-3 and abs(losses[2] - losses[0]) > 1e-3
 
 
-@pytest.mark.parametrize("task", ["sst2", "mr"])
-def test_zero_shot_is_above_chance(backbone, task):
-    server = build_server(ServerSpec(task=task, test_limit=200), backbone=backbone)
+# Thresholds are about 2 standard errors above chance for the number of test examples.
+# SmolLM2 answers " great" to ~93% of mr prompts (BENCHMARKS.md), so mr's zero-shot
+# accuracy is only ~0.55 and needs more examples to be told from chance.
+@pytest.mark.parametrize(("task", "limit", "threshold"), [("sst2", 200, 0.57), ("mr", 1000, 0.53)])
+def test_zero_shot_is_above_chance(backbone, task, limit, threshold):
+    server = build_server(ServerSpec(task=task, test_limit=limit), backbone=backbone)
     accuracy = server.evaluate("test")["accuracy"]
-    # 200 balanced-ish examples: 0.57 is about 2 standard errors above chance.
-    assert accuracy > 0.57, accuracy
+    assert accuracy > threshold, accuracy
