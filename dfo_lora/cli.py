@@ -28,7 +28,7 @@ GROUPS = {
         "dtype",
         "device",
     ],
-    "search space": ["targets", "rank", "intrinsic_dim", "alpha", "sigma", "loss"],
+    "search space": ["targets", "rank", "intrinsic_dim", "alpha", "sigma", "loss", "calibrate"],
     "search": [
         "optimizer",
         "fwa_variant",

@@ -60,6 +60,9 @@ class TuneConfig:
     alpha: float = opt(1.0, "projection std multiplier (BBTv2)")
     sigma: float = opt(1.0, "optimizer's initial step size (also in the projection std)")
     loss: str = opt("ce", "ce | hinge | neg_acc")
+    calibrate: bool = opt(
+        False, "subtract each state's mean train logits before loss and metric (not the paper's)"
+    )
     # ---- search
     optimizer: str = opt(
         "cma",
@@ -171,6 +174,7 @@ class TuneConfig:
             max_length=self.max_length,
             test_limit=self.test_limit,
             loss=self.loss,
+            calibrate=self.calibrate,
             space=self.space(),
             options=ServerOptions(
                 max_tokens=self.max_tokens,

@@ -176,3 +176,44 @@ def test_projection_is_seeded_and_independent_of_build_order():
         for ma, mb in zip(maps_a[layer], maps_b[layer], strict=True):
             assert torch.equal(ma, mb)
     assert not torch.equal(maps_a[0][0], maps_a[1][0])
+
+
+def test_calibrated_scoring_and_evaluation_match_reference():
+    """calibrate: losses/metrics on logits minus the state's mean train logits."""
+    backbone = tiny_model("llama", 0)
+    splits = {
+        "train": random_examples(backbone, 10, seed=1),
+        "dev": random_examples(backbone, 7, seed=2),
+    }
+    space = LowRankConfig(rank=4, intrinsic_dim=40, alpha=3.0, seed=3)
+    server = EvaluationServer(backbone, splits, VERBALIZER, space=space, calibrate=True)
+    rng = np.random.default_rng(6)
+    server.commit(0, rng.normal(size=40))
+    cands = rng.normal(size=(3, 40))
+    got = server.score(1, cands)
+    labels = torch.tensor([ex.label for ex in splits["train"]])
+    for i, cand in enumerate(cands):
+        z = server.get_state()
+        z[1] = cand
+        logits = merged_reference_logits(server, z, splits["train"], VERBALIZER)
+        calibrated = logits - logits.mean(0)
+        want = float(per_example_loss("ce", calibrated, labels).mean())
+        assert got["loss"][i] == pytest.approx(want, rel=RTOL)
+        acc = float((calibrated.argmax(-1) == labels).float().mean())
+        assert got["accuracy"][i] == pytest.approx(acc)
+    # evaluate: the dev logits minus the committed state's mean train logits
+    z = server.get_state()
+    train = merged_reference_logits(server, z, splits["train"], VERBALIZER)
+    dev = merged_reference_logits(server, z, splits["dev"], VERBALIZER) - train.mean(0)
+    dev_labels = torch.tensor([ex.label for ex in splits["dev"]])
+    metrics = server.evaluate("dev")
+    assert metrics["accuracy"] == pytest.approx(
+        float((dev.argmax(-1) == dev_labels).float().mean())
+    )
+    assert metrics["loss"] == pytest.approx(
+        float(per_example_loss("ce", dev, dev_labels).mean()), rel=RTOL
+    )
+    # and calibration really changes the loss compared with the plain objective
+    plain = EvaluationServer(backbone, splits, VERBALIZER, space=space)
+    plain.commit(0, server.get_state()[0])
+    assert not np.allclose(plain.score(1, cands)["loss"], got["loss"])

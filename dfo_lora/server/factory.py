@@ -28,6 +28,7 @@ class ServerSpec:
     max_length: int = 256
     test_limit: int | None = None  # score only the first N test examples (quick runs)
     loss: str = "ce"
+    calibrate: bool = False  # subtract each state's mean train logits before loss/metric
     space: LowRankConfig = field(default_factory=LowRankConfig)
     options: ServerOptions = field(default_factory=ServerOptions)
     trust_remote_code: bool = False
@@ -65,4 +66,5 @@ def build_server(
         loss=spec.loss,
         options=spec.options,
         notes=data.notes,
+        calibrate=spec.calibrate,
     )

@@ -68,6 +68,7 @@ class EvaluationServer:
         loss: str = "ce",
         options: ServerOptions | None = None,
         notes: list[str] | None = None,
+        calibrate: bool = False,
     ):
         if loss not in LOSSES:
             raise UserError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
@@ -79,6 +80,7 @@ class EvaluationServer:
         self.layers = self.arch.layers(self.model)
         self.loss_name = loss
         self.metric = metric
+        self.calibrate = calibrate
         self.notes = [n for n in (notes or []) if n]
         self.options = options or ServerOptions()
         self.options.validate()
@@ -136,6 +138,7 @@ class EvaluationServer:
             "train_padded_tokens": sum(b.size * b.length for b in train),
             "sigma_hat": list(self.space.sigma_hat),
             "metric": self.metric,
+            "calibrate": self.calibrate,
             "notes": list(self.notes),
         }
 
@@ -225,20 +228,23 @@ class EvaluationServer:
         num = cand.shape[0]
         factors = self.space.factors(layer, torch.from_numpy(cand), self.backbone.dtype)
         inputs = self._advance_cache(layer)
-        loss_sum = torch.zeros(num, dtype=torch.float64)
-        correct = torch.zeros(num, dtype=torch.float64)
+        n = self.split_sizes["train"]
+        logits = torch.zeros(num, n, len(self.verbalizer), dtype=torch.float32)  # (P, N, C)
+        labels = torch.zeros(n, dtype=torch.long)
         for h0, bucket in zip(inputs, self.buckets["train"], strict=True):
             per_chunk = max(1, self.options.max_tokens // (bucket.size * bucket.length))
+            rows = torch.from_numpy(bucket.order)
+            labels[rows] = bucket.labels.cpu()
             for start in range(0, num, per_chunk):
                 stop = min(num, start + per_chunk)
                 chunk = {t: (a[start:stop], b[start:stop]) for t, (a, b) in factors.items()}
-                logits = self._candidate_logits(layer, h0, bucket, chunk, stop - start)
-                labels = bucket.labels.expand(stop - start, -1)  # (P', n)
-                losses = per_example_loss(self.loss_name, logits, labels)  # (P', n)
-                loss_sum[start:stop] += _worst_if_nan(losses).sum(1).double().cpu()
-                correct[start:stop] += (logits.argmax(-1) == labels).sum(1).double().cpu()
-        n = self.split_sizes["train"]
-        return {"loss": (loss_sum / n).numpy(), "accuracy": (correct / n).numpy()}
+                out = self._candidate_logits(layer, h0, bucket, chunk, stop - start)
+                logits[start:stop, rows] = out.float().cpu()
+        if self.calibrate:  # each candidate judged after removing its own label bias
+            logits = logits - logits.mean(1, keepdim=True)
+        losses = _worst_if_nan(per_example_loss(self.loss_name, logits, labels.expand(num, -1)))
+        correct = (logits.argmax(-1) == labels).double()
+        return {"loss": losses.double().mean(1).numpy(), "accuracy": correct.mean(1).numpy()}
 
     def _candidate_logits(self, layer, h0, bucket, chunk, num) -> torch.Tensor:
         """Run layers layer..L-1 for `num` stacked candidates; verbalizer logits (P', n, C)."""
@@ -286,11 +292,17 @@ class EvaluationServer:
         return {"logits": logits, "labels": labels}
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Metric(s) and mean loss of a split under the committed state."""
+        """Metric(s) and mean loss of a split under the committed state.
+
+        With `calibrate`, the mean train logits of the same state are subtracted first
+        (the bias estimated from the k-shot train set only, never from the split).
+        """
         from dfo_lora.tasks import compute_metric
 
         out = self.predict(split)
         logits, labels = torch.from_numpy(out["logits"]), torch.from_numpy(out["labels"])
+        if self.calibrate:
+            logits = logits - torch.from_numpy(self.predict("train")["logits"]).mean(0)
         metrics = compute_metric(self.metric, logits.argmax(-1).numpy(), out["labels"])
         loss = _worst_if_nan(per_example_loss(self.loss_name, logits, labels)).mean()
         return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss)}
