@@ -56,7 +56,14 @@ def table(groups: dict[tuple, list[dict]]) -> str:
         gain = [t - z for t, z in zip(tuned, zero, strict=True)]
         seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
         wall = np.mean([r["wall_time_s"] for r in runs])
-        cells = [*map(str, setting), seeds, mean_std(zero), mean_std(tuned), mean_std(gain), f"{wall:.0f}"]
+        cells = [
+            *map(str, setting),
+            seeds,
+            mean_std(zero),
+            mean_std(tuned),
+            mean_std(gain),
+            f"{wall:.0f}",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
