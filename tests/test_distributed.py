@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray  # a hard dependency: a missing install must fail, not skip
 import torch
 import yaml
 from safetensors.numpy import load_file
@@ -22,8 +23,6 @@ from dfo_lora.distributed.servers import chunk_candidates, plan_shares
 from dfo_lora.errors import UserError
 from dfo_lora.search.run import tune
 from dfo_lora.server.factory import build_server
-
-ray = pytest.importorskip("ray")
 
 SETTINGS = dict(
     task="sst2",

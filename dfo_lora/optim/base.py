@@ -196,15 +196,22 @@ class Optimizer(ABC):
     def mean(self) -> np.ndarray:
         """The distribution centre / core firework (what a 'commit mean' rule installs)."""
 
-    def state_dict(self) -> dict:
-        """JSON values and numpy arrays only (no pickle); see `load_state_dict`."""
-        state = {
+    def _identity(self) -> dict:
+        """The configuration a saved state must match to be loaded into this optimizer."""
+        return {
             "name": self.name,
             "version": STATE_VERSION,
             "dim": self.dim,
             "popsize": self.popsize,
             "sigma": self.sigma,
             "seed": self.seed,
+            "options": self.options,
+        }
+
+    def state_dict(self) -> dict:
+        """JSON values and numpy arrays only (no pickle); see `load_state_dict`."""
+        state = {
+            **self._identity(),
             "options": dict(self.options),
             "generation": self.generation,
             "evaluations": self.evaluations,
@@ -221,16 +228,7 @@ class Optimizer(ABC):
         UserError when the state does not belong to this configuration or is corrupt."""
         where = f"{self.name} optimizer state"
         try:
-            mine = {
-                "name": self.name,
-                "version": STATE_VERSION,
-                "dim": self.dim,
-                "popsize": self.popsize,
-                "sigma": self.sigma,
-                "seed": self.seed,
-                "options": self.options,
-            }
-            for key, value in mine.items():
+            for key, value in self._identity().items():
                 if state[key] != value:
                     raise UserError(
                         f"{where}: {key} is {state[key]!r} in the saved state but {value!r} here"
