@@ -37,6 +37,7 @@ GROUPS = {
         "popsize",
         "budget",
         "generations_per_visit",
+        "layers",
         "layer_order",
         "commit",
         "eval_every",

@@ -76,6 +76,10 @@ class TuneConfig:
         {},
         "options of the (Fireworks) optimizer, e.g. n_fireworks=5,amplitude=2.0 (YAML: a mapping)",
     )
+    layers: str = opt(
+        "all",
+        "layers searched: all | top:N | bottom:N | a list such as 0,4,20-29 (others stay at z = 0)",
+    )
     hybrid_mode: str = opt("layer", "hybrid: cma on even layers (layer) or on even rounds (round)")
     popsize: int = opt(20, "candidates per generation")
     budget: int = opt(8000, 'candidate evaluations ("API calls")')
@@ -134,6 +138,7 @@ class TuneConfig:
             raise UserError("address: must be auto or a cluster address such as host:6379")
         if self.test_limit is not None and self.test_limit <= 0:
             raise UserError(f"test_limit: must be positive, got {self.test_limit}")
+        parse_layers(self.layers, None)
         self.space().validate()
         self._validate_optimizer_options()
         return self
@@ -188,6 +193,43 @@ class TuneConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_layers(spec: str, num_layers: int | None) -> list[int]:
+    """The searched layers, ascending, from `all | top:N | bottom:N | 0,4,20-29`.
+
+    With `num_layers=None` only the syntax is checked (the model is not loaded yet).
+    """
+    text = spec.strip().lower()
+    known = num_layers if num_layers is not None else 10**9
+    try:
+        if text == "all":
+            return list(range(known)) if num_layers is not None else []
+        if text.startswith(("top:", "bottom:")):
+            side, count = text.split(":", 1)
+            n = int(count)
+            if n <= 0:
+                raise ValueError
+            if num_layers is not None and n > num_layers:
+                raise UserError(f"layers: {spec!r} asks for {n} of the model's {num_layers} layers")
+            n = min(n, known)
+            return list(range(known - n, known)) if side == "top" else list(range(n))
+        chosen: set[int] = set()
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            lo, hi = int(first), int(last) if last else int(first)
+            if lo < 0 or hi < lo:
+                raise ValueError
+            chosen.update(range(lo, hi + 1))
+    except ValueError:
+        raise UserError(
+            f"layers: {spec!r} is not all, top:N, bottom:N or a list such as 0,4,20-29"
+        ) from None
+    if num_layers is not None and max(chosen) >= num_layers:
+        raise UserError(
+            f"layers: layer {max(chosen)} does not exist (the model has layers 0-{num_layers - 1})"
+        )
+    return sorted(chosen)
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -95,6 +95,8 @@ def test_bad_config_values(tmp_path, base_args):
         ("--task", "sst3"): "sst3",
         ("--sigma", "0"): "sigma: must be positive",
         ("--fwa-variant", "dynfw"): "did you mean 'dynfwa'",
+        ("--layers", "top:x"): "layers: 'top:x' is not all, top:N, bottom:N",
+        ("--layers", "0,99"): "layers: layer 99 does not exist",
         (
             "--optimizer",
             "fwa",

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from dfo_lora.config import TuneConfig
+from dfo_lora.config import TuneConfig, parse_layers
+from dfo_lora.errors import UserError
 from dfo_lora.search import LayerwiseSearch, layer_order, rounds_for, tune
 from dfo_lora.search.checkpoint import load_state, save_state
 from dfo_lora.server.factory import build_server
@@ -47,14 +48,14 @@ def cli(*args, **kwargs) -> subprocess.CompletedProcess:
 def test_rounds_and_layer_orders():
     config = TuneConfig(popsize=20, budget=8000).validate()
     assert rounds_for(config, 30) == 13  # 8000 // (20 * 30)
-    assert layer_order(config, 4, 0) == [0, 1, 2, 3]
+    assert layer_order(config, range(4), 0) == [0, 1, 2, 3]
     config.layer_order = "top_down"
-    assert layer_order(config, 4, 0) == [3, 2, 1, 0]
+    assert layer_order(config, range(4), 0) == [3, 2, 1, 0]
     config.layer_order = "random"
-    orders = [layer_order(config, 6, r) for r in range(3)]
+    orders = [layer_order(config, range(6), r) for r in range(3)]
     assert all(sorted(o) == list(range(6)) for o in orders)
     assert orders[0] != orders[1] or orders[1] != orders[2]
-    assert orders == [layer_order(config, 6, r) for r in range(3)]  # seeded
+    assert orders == [layer_order(config, range(6), r) for r in range(3)]  # seeded
 
 
 def test_search_counts_evaluations_and_commits_xbest(tiny_llama_dir, tmp_path):
@@ -76,6 +77,37 @@ def test_search_counts_evaluations_and_commits_xbest(tiny_llama_dir, tmp_path):
     assert results["wall_time_s"] > 0 and results["peak_mem_bytes"] > 0
     tuned = load_file(str(tmp_path / "run" / "tuned.safetensors"))["z"]
     assert tuned.shape == (3, 60)
+
+
+def test_parse_layers_forms_and_errors():
+    assert parse_layers("all", 6) == [0, 1, 2, 3, 4, 5]
+    assert parse_layers("top:2", 6) == [4, 5]
+    assert parse_layers("bottom:2", 6) == [0, 1]
+    assert parse_layers("4, 0-1,1", 6) == [0, 1, 4]
+    assert parse_layers("3-5", None) == [3, 4, 5]  # syntax only: the model is not loaded yet
+    for bad in ("top:0", "top:x", "5-3", "-1", "a,b", "", "first:2"):
+        with pytest.raises(UserError, match=r"^layers: .* is not all, top:N"):
+            parse_layers(bad, 6)
+    with pytest.raises(UserError, match=r"layer 6 does not exist \(the model has layers 0-5\)"):
+        parse_layers("2,6", 6)
+    with pytest.raises(UserError, match="asks for 7 of the model's 6 layers"):
+        parse_layers("top:7", 6)
+
+
+def test_search_only_the_chosen_layers(tiny_llama_dir, tmp_path):
+    """Unsearched layers stay at z = 0; the budget is spread over the searched ones only."""
+    config = tiny_config(tiny_llama_dir, layers="1-2", layer_order="top_down")
+    results = tune(config, tmp_path / "run", progress=False)
+    assert results["evaluations"] == config.budget  # 72 // (6 * 2) = 6 rounds
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    layers = [x["layer"] for x in lines if x["kind"] == "generation"]
+    assert layers == [2, 1] * 6
+    server = build_server(config.server_spec())
+    search = LayerwiseSearch(server, config, metric="accuracy")
+    assert [len(per) for per in search.optimizers] == [1, 1]
+    search.run()
+    z = server.get_state()
+    assert not z[0].any() and z[1].any() and z[2].any()
 
 
 def test_commit_mean_and_best_differ(tiny_llama_dir, tmp_path):

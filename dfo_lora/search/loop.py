@@ -1,10 +1,10 @@
 """The layer-wise search (divide and conquer over layers), DESIGN.md §2.
 
-One optimizer per layer keeps its own state across rounds. A round visits every layer
-(bottom-up by default); a visit runs `generations_per_visit` generations (ask popsize
+One optimizer per layer keeps its own state across rounds. A round visits every searched
+layer (`layers`: all by default; the others stay at z = 0) bottom-up by default; a visit runs `generations_per_visit` generations (ask popsize
 candidates for that layer, score them with every other layer at its commit, tell the
 losses), then commits the layer's best-ever candidate (or the optimizer's mean).
-Rounds = budget // (popsize * layers * generations_per_visit).
+Rounds = budget // (popsize * searched layers * generations_per_visit).
 
 Dev is scored every `eval_every` evaluations (at the next layer boundary) and at the
 start (the zero state, i.e. zero-shot); the state with the best dev metric (ties: lower
@@ -18,11 +18,12 @@ info, so the same loop drives an in-process server or Ray actors.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from dfo_lora.config import TuneConfig
+from dfo_lora.config import TuneConfig, parse_layers
 from dfo_lora.errors import UserError
 from dfo_lora.optim import make_optimizer, optimizer_from_state
 from dfo_lora.search.callbacks import Callback
@@ -40,14 +41,16 @@ class Position:
     evals: int = 0
 
 
-def layer_order(config: TuneConfig, num_layers: int, round_index: int) -> list[int]:
-    """The round's layer order; `random` is seeded by (seed, round), so resume needs no RNG."""
+def layer_order(config: TuneConfig, layers: Sequence[int], round_index: int) -> list[int]:
+    """The round's order over the searched layers; `random` is seeded by (seed, round), so
+    resume needs no RNG."""
+    layers = [int(layer) for layer in layers]
     if config.layer_order == "bottom_up":
-        return list(range(num_layers))
+        return layers
     if config.layer_order == "top_down":
-        return list(range(num_layers - 1, -1, -1))
+        return layers[::-1]
     rng = np.random.default_rng([config.seed, round_index])
-    return [int(i) for i in rng.permutation(num_layers)]
+    return [layers[i] for i in rng.permutation(len(layers))]
 
 
 def optimizer_kinds(config: TuneConfig) -> list[str]:
@@ -116,9 +119,11 @@ class LayerwiseSearch:
         info = server.info()
         self.num_layers = info["num_layers"]
         self.dim = info["dim"]
-        self.rounds = rounds_for(config, self.num_layers)
+        self.layers = parse_layers(config.layers, self.num_layers)
+        self.slot = {layer: i for i, layer in enumerate(self.layers)}
+        self.rounds = rounds_for(config, len(self.layers))
         self.total_evals = (
-            self.rounds * self.num_layers * config.generations_per_visit * config.popsize
+            self.rounds * len(self.layers) * config.generations_per_visit * config.popsize
         )
         self.kinds = optimizer_kinds(config)
         self.optimizers = [
@@ -133,7 +138,7 @@ class LayerwiseSearch:
                 )
                 for i, kind in enumerate(self.kinds)
             ]
-            for layer in range(self.num_layers)
+            for layer in self.layers
         ]
         self.position = Position()
         self.zero_shot: dict = {}
@@ -148,7 +153,7 @@ class LayerwiseSearch:
         return self.config.seed * 100_003 + layer * 7 + which
 
     def optimizer_for(self, layer: int, round_index: int):
-        per_layer = self.optimizers[layer]
+        per_layer = self.optimizers[self.slot[layer]]
         if self.config.optimizer != "hybrid":
             return per_layer[0]
         if self.config.hybrid_mode == "layer":
@@ -230,8 +235,8 @@ class LayerwiseSearch:
             cb.on_start(self.total_evals, pos.evals)
         last_checkpoint = time.perf_counter()
         while pos.round < self.rounds:
-            order = layer_order(config, self.num_layers, pos.round)
-            while pos.visit < self.num_layers:
+            order = layer_order(config, self.layers, pos.round)
+            while pos.visit < len(order):
                 layer = order[pos.visit]
                 opt = self.optimizer_for(layer, pos.round)
                 while pos.generation < config.generations_per_visit:
