@@ -40,6 +40,7 @@ GROUPS = {
         "layers",
         "layer_order",
         "commit",
+        "elitist",
         "eval_every",
         "checkpoint_every_s",
     ],

@@ -86,6 +86,11 @@ class TuneConfig:
     generations_per_visit: int = opt(1, "generations at a layer before moving on")
     layer_order: str = opt("bottom_up", "bottom_up | top_down | random (per round)")
     commit: str = opt("best", "best (xbest, the paper) | mean (distribution centre)")
+    elitist: bool = opt(
+        False,
+        "also score the layer's current z in each visit and commit only a candidate that beats "
+        "it (1 more evaluation per visit)",
+    )
     eval_every: int = opt(100, "evaluations between dev evaluations")
     checkpoint_every_s: float = opt(60.0, "also checkpoint after every layer visit")
     # ---- performance

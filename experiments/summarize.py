@@ -2,7 +2,8 @@
 
     python experiments/summarize.py runs/            # every */results.json below runs/
 
-A setting is (model, task, optimizer, targets, sigma, alpha, budget); seeds are pooled.
+A setting is (model, task, k, optimizer, targets, layers, sigma, alpha, calibrate, budget);
+seeds are pooled. Also shown: evaluations per second of search and the peak memory.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ def setting_of(config: dict) -> tuple:
     return (
         Path(str(config["model"])).name,
         Path(str(config["task"])).stem,
-        config["optimizer"],
+        config["k"],
+        config["optimizer"] if config["optimizer"] != "fwa" else config["fwa_variant"],
         ",".join(config["targets"]),
+        config.get("layers", "all"),
         config["sigma"],
         config["alpha"],
+        "yes" if config.get("calibrate") else "no",
         config["budget"],
     )
 
@@ -44,9 +48,9 @@ def mean_std(values: list[float]) -> str:
 
 def table(groups: dict[tuple, list[dict]]) -> str:
     head = (
-        "| model | task | optimizer | targets | sigma | alpha | budget | seeds "
-        "| zero-shot test | tuned test | tuned − zero-shot | wall time (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| model | task | k | optimizer | targets | layers | sigma | alpha | calibrate | budget "
+        "| seeds | zero-shot test | tuned test | tuned − zero-shot | wall time (s) | evals/s "
+        "| peak mem (GB) |\n" + "|---" * 17 + "|"
     )
     rows = [head]
     for setting, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -56,6 +60,8 @@ def table(groups: dict[tuple, list[dict]]) -> str:
         gain = [t - z for t, z in zip(tuned, zero, strict=True)]
         seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
         wall = np.mean([r["wall_time_s"] for r in runs])
+        rate = np.mean([r["evaluations"] / r["wall_time_s"] for r in runs])
+        memory = max(r.get("peak_mem_bytes", 0) for r in runs) / 1e9
         cells = [
             *map(str, setting),
             seeds,
@@ -63,6 +69,8 @@ def table(groups: dict[tuple, list[dict]]) -> str:
             mean_std(tuned),
             mean_std(gain),
             f"{wall:.0f}",
+            f"{rate:.2f}",
+            f"{memory:.2f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -110,6 +110,25 @@ def test_search_only_the_chosen_layers(tiny_llama_dir, tmp_path):
     assert not z[0].any() and z[1].any() and z[2].any()
 
 
+def test_elitist_never_raises_train_loss(tiny_llama_dir, tmp_path):
+    """Each visit re-scores the layer's current z; a commit happens only below that loss, so
+    the train loss measured at the next visit equals min(current, visit best)."""
+    config = tiny_config(tiny_llama_dir, elitist=True, alpha=3.0, layers="0-1", budget=6 * 8 + 8)
+    assert rounds_for(config, 2) == 4  # 2 layers x (6 + 1) evaluations per visit
+    results = tune(config, tmp_path / "run", progress=False)
+    assert results["evaluations"] == 4 * 2 * 7
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    visits = [x for x in lines if x["kind"] == "generation"]
+    current = [v["current_loss"] for v in visits]
+    rejected = 0
+    for before, after, visit in zip(current, current[1:], visits, strict=False):
+        expected = min(before, visit["loss_min"])
+        assert after == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        rejected += visit["loss_min"] >= before
+    assert current[-1] < current[0]  # some candidate was committed
+    assert rejected > 0  # and some visit found nothing better and kept the layer
+
+
 def test_commit_mean_and_best_differ(tiny_llama_dir, tmp_path):
     finals = {}
     for commit in ("best", "mean"):
@@ -163,8 +182,9 @@ def _kill_mid_search(args, out: Path, min_lines: int) -> None:
         ["--optimizer", "cma"],
         ["--optimizer", "dynfwa"],
         ["--optimizer", "hybrid", "--hybrid-mode", "round"],
+        ["--elitist", "true", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
     ],
-    ids=["cma", "dynfwa", "hybrid-round"],
+    ids=["cma", "dynfwa", "hybrid-round", "elitist-mid-visit"],
 )
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama_dir, tmp_path, optimizer):
     common = [

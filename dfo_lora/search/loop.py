@@ -1,10 +1,17 @@
 """The layer-wise search (divide and conquer over layers), DESIGN.md §2.
 
 One optimizer per layer keeps its own state across rounds. A round visits every searched
-layer (`layers`: all by default; the others stay at z = 0) bottom-up by default; a visit runs `generations_per_visit` generations (ask popsize
-candidates for that layer, score them with every other layer at its commit, tell the
-losses), then commits the layer's best-ever candidate (or the optimizer's mean).
-Rounds = budget // (popsize * searched layers * generations_per_visit).
+layer (`layers`: all by default; the others stay at z = 0), bottom-up by default; a visit
+runs `generations_per_visit` generations (ask popsize candidates for that layer, score them
+with every other layer at its commit, tell the losses), then commits the layer's best-ever
+candidate (or the optimizer's mean). Rounds = budget // (searched layers * evaluations per
+visit).
+
+`elitist` (off in the paper) also scores the layer's current z with the visit's first
+generation and commits the visit's best candidate only if it beats it, so train loss never
+rises at a commit: with the paper's rule every visit commits some candidate, even when all
+of them are worse than what the layer had (BENCHMARKS.md: this undid a good zero-shot
+state on mr with k = 64).
 
 Dev is scored every `eval_every` evaluations (at the next layer boundary) and at the
 start (the zero state, i.e. zero-shot); the state with the best dev metric (ties: lower
@@ -69,14 +76,20 @@ def options_for(config: TuneConfig, kind: str) -> dict:
     return dict(config.optimizer_options)
 
 
+def evals_per_visit(config: TuneConfig) -> int:
+    """Candidates scored in one layer visit (`elitist` adds the layer's current z)."""
+    return config.popsize * config.generations_per_visit + int(config.elitist)
+
+
 def rounds_for(config: TuneConfig, num_layers: int) -> int:
-    per_round = config.popsize * num_layers * config.generations_per_visit
+    per_round = num_layers * evals_per_visit(config)
     rounds = config.budget // per_round
     if rounds < 1:
+        extra = " + 1 elitist" if config.elitist else ""
         raise UserError(
-            f"budget: {config.budget} is smaller than one round (popsize {config.popsize} x "
-            f"{num_layers} layers x {config.generations_per_visit} generations = {per_round} "
-            "evaluations)"
+            f"budget: {config.budget} is smaller than one round ({num_layers} layers x (popsize "
+            f"{config.popsize} x {config.generations_per_visit} generations{extra}) = "
+            f"{per_round} evaluations)"
         )
     return rounds
 
@@ -87,6 +100,11 @@ def _better(metrics: dict, best: dict | None, metric: str) -> bool:
     if metrics[metric] != best[metric]:
         return metrics[metric] > best[metric]
     return metrics["loss"] < best["loss"]
+
+
+def _fresh_visit() -> dict:
+    """Elitist bookkeeping for the visit in progress (checkpointed with the position)."""
+    return {"current_loss": float("inf"), "loss": float("inf"), "z": None}
 
 
 class InProcessOptimizers:
@@ -122,9 +140,7 @@ class LayerwiseSearch:
         self.layers = parse_layers(config.layers, self.num_layers)
         self.slot = {layer: i for i, layer in enumerate(self.layers)}
         self.rounds = rounds_for(config, len(self.layers))
-        self.total_evals = (
-            self.rounds * len(self.layers) * config.generations_per_visit * config.popsize
-        )
+        self.total_evals = self.rounds * len(self.layers) * evals_per_visit(config)
         self.kinds = optimizer_kinds(config)
         self.optimizers = [
             [
@@ -141,6 +157,7 @@ class LayerwiseSearch:
             for layer in self.layers
         ]
         self.position = Position()
+        self.visit = _fresh_visit()
         self.zero_shot: dict = {}
         self.best_dev: dict | None = None
         self.best_dev_z: np.ndarray | None = None
@@ -173,6 +190,7 @@ class LayerwiseSearch:
                 "evals": pos.evals,
             },
             "z": self.server.get_state(),
+            "visit": self.visit,
             "optimizers": [[opt.state_dict() for opt in per] for per in self.optimizers],
             "zero_shot": self.zero_shot,
             "best_dev": self.best_dev,
@@ -191,6 +209,7 @@ class LayerwiseSearch:
         self.position = Position(**state["position"])
         self.optimizers = [[self.factory.from_state(s) for s in per] for per in state["optimizers"]]
         self.server.set_state(np.asarray(state["z"]))
+        self.visit = state.get("visit") or _fresh_visit()
         self.zero_shot = state["zero_shot"]
         self.best_dev = state["best_dev"]
         self.best_dev_z = np.asarray(state["best_dev_z"])
@@ -241,27 +260,34 @@ class LayerwiseSearch:
                 opt = self.optimizer_for(layer, pos.round)
                 while pos.generation < config.generations_per_visit:
                     candidates = opt.ask()
-                    scored = self.server.score(layer, candidates)
+                    batch = candidates
+                    if config.elitist and pos.generation == 0:  # the layer's current z, last
+                        batch = np.vstack([candidates, self.server.get_state()[layer][None]])
+                    scored = self.server.score(layer, batch)
                     losses = np.asarray(scored["loss"], dtype=np.float64)
+                    if len(batch) > len(candidates):
+                        self.visit["current_loss"] = float(losses[-1])
+                    losses = losses[: len(candidates)]
                     opt.tell(candidates, losses)
-                    pos.evals += len(candidates)
+                    self._track_visit_best(candidates, losses)
+                    pos.evals += len(batch)
                     pos.generation += 1
                     finite = losses[np.isfinite(losses)]
-                    self._emit(
-                        "on_generation",
-                        {
-                            "evals": pos.evals,
-                            "round": pos.round,
-                            "layer": layer,
-                            "popsize": len(candidates),
-                            "loss_min": float(finite.min()) if finite.size else None,
-                            "loss_mean": float(finite.mean()) if finite.size else None,
-                            "nonfinite": int(losses.size - finite.size),
-                            "train_acc_max": float(np.max(scored["accuracy"])),
-                            "best_loss": float(opt.best[1]),
-                            "time_s": self.elapsed_before + time.perf_counter() - self._started,
-                        },
-                    )
+                    record = {
+                        "evals": pos.evals,
+                        "round": pos.round,
+                        "layer": layer,
+                        "popsize": len(candidates),
+                        "loss_min": float(finite.min()) if finite.size else None,
+                        "loss_mean": float(finite.mean()) if finite.size else None,
+                        "nonfinite": int(losses.size - finite.size),
+                        "train_acc_max": float(np.max(scored["accuracy"][: len(candidates)])),
+                        "best_loss": float(opt.best[1]),
+                        "time_s": self.elapsed_before + time.perf_counter() - self._started,
+                    }
+                    if config.elitist:
+                        record["current_loss"] = self.visit["current_loss"]
+                    self._emit("on_generation", record)
                     if (
                         pos.generation < config.generations_per_visit
                         and self.checkpoint
@@ -269,11 +295,10 @@ class LayerwiseSearch:
                     ):
                         self.checkpoint(self.state_dict())
                         last_checkpoint = time.perf_counter()
-                z = opt.best[0] if config.commit == "best" else opt.mean
-                if np.all(np.isfinite(z)) and (config.commit == "mean" or np.isfinite(opt.best[1])):
-                    self.server.commit(layer, z)
+                self._commit(layer, opt)
                 pos.visit += 1
                 pos.generation = 0
+                self.visit = _fresh_visit()
                 self._dev_check()
                 if self.checkpoint:
                     self.checkpoint(self.state_dict())
@@ -281,6 +306,25 @@ class LayerwiseSearch:
             pos.round += 1
             pos.visit = 0
         return self._finish()
+
+    def _track_visit_best(self, candidates: np.ndarray, losses: np.ndarray) -> None:
+        if not self.config.elitist or not np.isfinite(losses).any():
+            return
+        i = int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan)))
+        if losses[i] < self.visit["loss"]:
+            self.visit["loss"], self.visit["z"] = float(losses[i]), np.array(candidates[i])
+
+    def _commit(self, layer: int, opt) -> None:
+        """Paper: the best-ever candidate (or the mean). Elitist: this visit's best candidate,
+        only if its train loss is below that of the layer's current z in the same context."""
+        config = self.config
+        if config.elitist:
+            if self.visit["z"] is not None and self.visit["loss"] < self.visit["current_loss"]:
+                self.server.commit(layer, self.visit["z"])
+            return
+        z = opt.best[0] if config.commit == "best" else opt.mean
+        if np.all(np.isfinite(z)) and (config.commit == "mean" or np.isfinite(opt.best[1])):
+            self.server.commit(layer, z)
 
     def _finish(self) -> dict:
         final_z = self.server.get_state()
