@@ -175,8 +175,15 @@ def cmd_tune(args) -> int:
 def summary(results: dict, out: Path) -> str:
     metric = results["metric"]
     zs, tuned = results["zero_shot"], results["tuned"]
+    prompt = ""
+    if f"uncalibrated_{metric}" in zs["test"]:  # --calibrate: show the plain prompt too
+        prompt = (
+            f"zero-shot, uncalibrated prompt: dev {metric} {zs['dev'][f'uncalibrated_{metric}']:.4f}"
+            f"  test {metric} {zs['test'][f'uncalibrated_{metric}']:.4f}\n"
+        )
     return (
-        f"zero-shot: dev {metric} {zs['dev'][metric]:.4f}  test {metric} {zs['test'][metric]:.4f}\n"
+        prompt
+        + f"zero-shot: dev {metric} {zs['dev'][metric]:.4f}  test {metric} {zs['test'][metric]:.4f}\n"
         f"tuned    : dev {metric} {tuned['dev'][metric]:.4f}  test {metric} {tuned['test'][metric]:.4f}"
         f"  (best dev after {results['best_dev_evals']} of {results['evaluations']} evaluations, "
         f"{results['wall_time_s']:.0f} s)\nresults in {out}/results.json"

@@ -166,6 +166,18 @@ def test_resume_errors(tmp_path, base_args):
     assert "corrupt" in line and "state.safetensors" in line
 
 
+def test_calibrated_run_reports_the_plain_prompt_too(tmp_path, base_args):
+    out = tmp_path / "run"
+    args = [*base_args, "--budget", "18", "--popsize", "6", "--intrinsic-dim", "60"]
+    done = run_cli(*args, "--calibrate", "true", "--out", out, "--quiet")
+    assert done.returncode == 0, done.stderr
+    zero = json.loads((out / "results.json").read_text())["zero_shot"]["test"]
+    assert 0 <= zero["uncalibrated_accuracy"] <= 1
+    prompt_line = done.stdout.splitlines()[0]
+    assert prompt_line.startswith("zero-shot, uncalibrated prompt:")
+    assert f"test accuracy {zero['uncalibrated_accuracy']:.4f}" in prompt_line
+
+
 def test_eval_scores_a_finished_run(tmp_path, base_args):
     out = tmp_path / "run"
     args = [*base_args, "--budget", "18", "--popsize", "6", "--intrinsic-dim", "60", "--out", out]

@@ -213,6 +213,10 @@ def test_calibrated_scoring_and_evaluation_match_reference():
     assert metrics["loss"] == pytest.approx(
         float(per_example_loss("ce", dev, dev_labels).mean()), rel=RTOL
     )
+    plain_dev = dev + train.mean(0)  # the prompt's own argmax, reported alongside
+    assert metrics["uncalibrated_accuracy"] == pytest.approx(
+        float((plain_dev.argmax(-1) == dev_labels).float().mean())
+    )
     # and calibration really changes the loss compared with the plain objective
     plain = EvaluationServer(backbone, splits, VERBALIZER, space=space)
     plain.commit(0, server.get_state()[0])

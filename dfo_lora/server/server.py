@@ -295,17 +295,21 @@ class EvaluationServer:
         """Metric(s) and mean loss of a split under the committed state.
 
         With `calibrate`, the mean train logits of the same state are subtracted first
-        (the bias estimated from the k-shot train set only, never from the split).
+        (the bias estimated from the k-shot train set only, never from the split); the
+        metric of the plain prompt's argmax is reported too, as `uncalibrated_<metric>`.
         """
         from dfo_lora.tasks import compute_metric
 
         out = self.predict(split)
         logits, labels = torch.from_numpy(out["logits"]), torch.from_numpy(out["labels"])
+        extra = {}
         if self.calibrate:
+            plain = compute_metric(self.metric, out["logits"].argmax(-1), out["labels"])
+            extra = {f"uncalibrated_{k}": float(v) for k, v in plain.items()}
             logits = logits - torch.from_numpy(self.predict("train")["logits"]).mean(0)
         metrics = compute_metric(self.metric, logits.argmax(-1).numpy(), out["labels"])
         loss = _worst_if_nan(per_example_loss(self.loss_name, logits, labels)).mean()
-        return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss)}
+        return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss), **extra}
 
 
 WORST_LOSS = 1e4  # a NaN/inf loss counts as this (worse than any real CE/hinge value)
