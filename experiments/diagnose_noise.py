@@ -5,7 +5,7 @@
 For each alpha: draw `--candidates` z ~ N(0, sigma^2 I) for one layer (CMA-ES's first
 generation), score them on the k = 16 train set (32 examples) and on a k = 256 sample of
 the same pool (512 examples; it may contain some of the 32), both with the calibrated CE
-of `experiments/configs/demo.yaml`, and report how the two loss changes (vs z = 0) agree.
+of `experiments/configs/fewshot.yaml`, and report how the two loss changes (vs z = 0) agree.
 Both servers use the k = 16 server's projections, so a z means the same adapter in both.
 """
 
@@ -29,7 +29,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="experiments/configs/demo.yaml")
+    parser.add_argument("--config", default="experiments/configs/fewshot.yaml")
     parser.add_argument("--task", default="mr")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--layer", type=int, default=26)
