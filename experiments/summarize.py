@@ -3,7 +3,9 @@
     python experiments/summarize.py runs/            # every */results.json below runs/
 
 A setting is (model, task, k, optimizer, targets, layers, sigma, alpha, calibrate, budget);
-seeds are pooled. Also shown: evaluations per second of search and the peak memory.
+seeds are pooled. Also shown: in how many runs the best dev state was the zero state
+(tuned = zero-shot), the lowest train loss any candidate reached (how far the optimizer got
+on its own objective), evaluations per second of search and the peak memory.
 """
 
 from __future__ import annotations
@@ -37,8 +39,16 @@ def collect(root: Path) -> dict[tuple, list[dict]]:
     for results_path in sorted(root.rglob("results.json")):
         config = yaml.safe_load((results_path.parent / "config.yaml").read_text())
         results = json.loads(results_path.read_text())
+        results["best_train_loss"] = best_train_loss(results_path.parent / "log.jsonl")
         groups[setting_of(config)].append({"seed": config["seed"], **results})
     return groups
+
+
+def best_train_loss(log: Path) -> float:
+    """Lowest train loss any candidate reached: how far the optimizer got on its objective."""
+    lines = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    losses = [x["loss_min"] for x in lines if x.get("kind") == "generation" and x["loss_min"]]
+    return min(losses, default=float("nan"))
 
 
 def mean_std(values: list[float]) -> str:
@@ -49,8 +59,8 @@ def mean_std(values: list[float]) -> str:
 def table(groups: dict[tuple, list[dict]]) -> str:
     head = (
         "| model | task | k | optimizer | targets | layers | sigma | alpha | calibrate | budget "
-        "| seeds | zero-shot test | tuned test | tuned − zero-shot | wall time (s) | evals/s "
-        "| peak mem (GB) |\n" + "|---" * 17 + "|"
+        "| seeds | zero-shot test | tuned test | tuned − zero-shot | dev kept z = 0 "
+        "| best train loss | wall time (s) | evals/s | peak mem (GB) |\n" + "|---" * 19 + "|"
     )
     rows = [head]
     for setting, runs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -68,6 +78,8 @@ def table(groups: dict[tuple, list[dict]]) -> str:
             mean_std(zero),
             mean_std(tuned),
             mean_std(gain),
+            f"{sum(r['best_dev_evals'] == 0 for r in runs)}/{len(runs)}",
+            f"{np.mean([r['best_train_loss'] for r in runs]):.3f}",
             f"{wall:.0f}",
             f"{rate:.2f}",
             f"{memory:.2f}",
