@@ -21,6 +21,7 @@ from dfo_lora.config import TuneConfig
 from dfo_lora.distributed.cluster import host_port
 from dfo_lora.distributed.servers import chunk_candidates, plan_shares
 from dfo_lora.errors import UserError
+from dfo_lora.search.checkpoint import load_state
 from dfo_lora.search.run import tune
 from dfo_lora.server.factory import build_server
 
@@ -61,8 +62,8 @@ def local_run(tiny_llama_dir, tmp_path_factory):
     return out, results
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    """Bitwise the same search: every generation's losses, dev/test metrics, tuned z."""
+def assert_same_run(a: Path, b: Path, tuned_nonzero: bool = True) -> None:
+    """Bitwise the same search: every generation's losses, dev/test metrics, tuned and final z."""
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
     for key in ("tuned", "zero_shot", "best_dev_evals", "evaluations", "rounds", "metric"):
         assert ra[key] == rb[key], key
@@ -73,7 +74,9 @@ def assert_same_run(a: Path, b: Path) -> None:
 
     assert lines(a) == lines(b)
     za, zb = (load_file(str(d / "tuned.safetensors"))["z"] for d in (a, b))
-    assert np.array_equal(za, zb) and np.any(za)
+    assert np.array_equal(za, zb) and (np.any(za) or not tuned_nonzero)
+    fa, fb = (load_state(d / "checkpoint" / "state.safetensors")["z"] for d in (a, b))
+    assert np.array_equal(fa, fb) and np.any(fa)
 
 
 # ------------------------------------------------------------------ scatter plan (no Ray)
@@ -118,6 +121,22 @@ def test_ray_backend_matches_local_exactly(ray_cluster, local_run, tiny_llama_di
     assert results["server"]["backend"] == {"name": "ray", "servers": 2}
     assert results["evaluations"] == config.budget
     assert_same_run(local_run[0], tmp_path / "ray")
+
+
+def test_ray_elitist_search_of_a_layer_subset_matches_local(ray_cluster, tiny_llama_dir, tmp_path):
+    """--elitist adds the current z to a population that the proxy splits across actors."""
+    from dfo_lora.distributed import run_tune
+
+    options = {"elitist": True, "layers": "1-2", "budget": 2 * 2 * (SETTINGS["popsize"] + 1)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tune(tiny_config(tiny_llama_dir, **options), tmp_path / "local", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    config = tiny_config(tiny_llama_dir, backend="ray", servers=2, cpus_per_server=1, **options)
+    run_tune(config, tmp_path / "ray", progress=False)
+    assert_same_run(tmp_path / "local", tmp_path / "ray", tuned_nonzero=False)
 
 
 def test_killed_server_actor_changes_nothing(
