@@ -3,7 +3,8 @@
     python experiments/summarize.py runs/            # every */results.json below runs/
 
 A setting is (model, task, k, optimizer, targets, layers, sigma, alpha, calibrate, budget);
-seeds are pooled. Also shown: in how many runs the best dev state was the zero state
+seeds are pooled. A second table compares optimizers of otherwise equal settings on the
+seeds they all ran. Also shown: in how many runs the best dev state was the zero state
 (tuned = zero-shot), the lowest train loss any candidate reached (how far the optimizer got
 on its own objective), evaluations per second of search and the peak memory.
 """
@@ -88,5 +89,51 @@ def table(groups: dict[tuple, list[dict]]) -> str:
     return "\n".join(rows)
 
 
+OPTIMIZER_COLUMN = 3  # index of the optimizer in setting_of()
+
+
+def paired_table(groups: dict[tuple, list[dict]]) -> str:
+    """Optimizers of otherwise equal settings on the seeds they all ran: tuned test and its
+    difference from the first optimizer (cma when present), seed by seed."""
+    families: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(dict)
+    for setting, runs in groups.items():
+        rest = setting[:OPTIMIZER_COLUMN] + setting[OPTIMIZER_COLUMN + 1 :]
+        families[rest][setting[OPTIMIZER_COLUMN]] = {r["seed"]: r for r in runs}
+    rows = [
+        "| task | optimizer | common seeds | tuned test | − first optimizer | best train loss "
+        "| wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rest, by_optimizer in sorted(families.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if len(by_optimizer) < 2:
+            continue
+        names = sorted(by_optimizer, key=lambda n: (n != "cma", n))
+        seeds = sorted(set.intersection(*(set(by_optimizer[n]) for n in names)))
+        if not seeds:
+            continue
+        metric = by_optimizer[names[0]][seeds[0]]["metric"]
+        first = [by_optimizer[names[0]][s]["tuned"]["test"][metric] for s in seeds]
+        for name in names:
+            runs = [by_optimizer[name][s] for s in seeds]
+            tuned = [r["tuned"]["test"][metric] for r in runs]
+            diff = [t - f for t, f in zip(tuned, first, strict=True)]
+            cells = [
+                str(rest[1]),
+                name,
+                ",".join(map(str, seeds)),
+                mean_std(tuned),
+                mean_std(diff),
+                f"{np.mean([r['best_train_loss'] for r in runs]):.3f}",
+                f"{np.mean([r['wall_time_s'] for r in runs]):.0f}",
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    print(table(collect(Path(sys.argv[1] if len(sys.argv) > 1 else "runs"))))
+    found = collect(Path(sys.argv[1] if len(sys.argv) > 1 else "runs"))
+    print(table(found))
+    paired = paired_table(found)
+    if paired.count("\n") > 1:
+        print("\nOptimizers compared on common seeds:\n")
+        print(paired)
