@@ -203,38 +203,42 @@ class TuneConfig:
 def parse_layers(spec: str, num_layers: int | None) -> list[int]:
     """The searched layers, ascending, from `all | top:N | bottom:N | 0,4,20-29`.
 
-    With `num_layers=None` only the syntax is checked (the model is not loaded yet).
+    With `num_layers=None` (the model is not loaded yet) only the syntax is checked, and
+    `all`, `top:N` and `bottom:N` give [] since their layers are not known yet.
     """
     text = spec.strip().lower()
-    known = num_layers if num_layers is not None else 10**9
     try:
+        side, _, count = text.partition(":")
         if text == "all":
-            return list(range(known)) if num_layers is not None else []
-        if text.startswith(("top:", "bottom:")):
-            side, count = text.split(":", 1)
+            chosen = list(range(num_layers or 0))
+        elif side in ("top", "bottom") and count:
             n = int(count)
             if n <= 0:
                 raise ValueError
-            if num_layers is not None and n > num_layers:
+            if num_layers is None:
+                chosen = []
+            elif n > num_layers:
                 raise UserError(f"layers: {spec!r} asks for {n} of the model's {num_layers} layers")
-            n = min(n, known)
-            return list(range(known - n, known)) if side == "top" else list(range(n))
-        chosen: set[int] = set()
-        for part in text.split(","):
-            first, _, last = part.strip().partition("-")
-            lo, hi = int(first), int(last) if last else int(first)
-            if lo < 0 or hi < lo:
-                raise ValueError
-            chosen.update(range(lo, hi + 1))
+            else:
+                chosen = list(range(num_layers - n, num_layers) if side == "top" else range(n))
+        else:
+            picked: set[int] = set()
+            for part in text.split(","):
+                first, _, last = part.strip().partition("-")
+                lo, hi = int(first), int(last) if last else int(first)
+                if lo < 0 or hi < lo:
+                    raise ValueError
+                picked.update(range(lo, hi + 1))
+            chosen = sorted(picked)
     except ValueError:
         raise UserError(
             f"layers: {spec!r} is not all, top:N, bottom:N or a list such as 0,4,20-29"
         ) from None
-    if num_layers is not None and max(chosen) >= num_layers:
+    if num_layers is not None and chosen and chosen[-1] >= num_layers:
         raise UserError(
-            f"layers: layer {max(chosen)} does not exist (the model has layers 0-{num_layers - 1})"
+            f"layers: layer {chosen[-1]} does not exist (the model has layers 0-{num_layers - 1})"
         )
-    return sorted(chosen)
+    return chosen
 
 
 def _check_choice(name: str, value, choices) -> None:

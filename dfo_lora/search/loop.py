@@ -308,11 +308,12 @@ class LayerwiseSearch:
         return self._finish()
 
     def _track_visit_best(self, candidates: np.ndarray, losses: np.ndarray) -> None:
-        if not self.config.elitist or not np.isfinite(losses).any():
+        if not self.config.elitist:
             return
-        i = int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan)))
-        if losses[i] < self.visit["loss"]:
-            self.visit["loss"], self.visit["z"] = float(losses[i]), np.array(candidates[i])
+        finite = np.where(np.isfinite(losses), losses, np.inf)
+        i = int(np.argmin(finite))
+        if finite[i] < self.visit["loss"]:
+            self.visit["loss"], self.visit["z"] = float(finite[i]), np.array(candidates[i])
 
     def _commit(self, layer: int, opt) -> None:
         """Paper: the best-ever candidate (or the mean). Elitist: this visit's best candidate,
