@@ -161,6 +161,12 @@ class ServerActor:
             return None
         return self.server.evaluate(split)
 
+    def evaluate_calibrated(self, split: str, calibrate: bool, token, state=None):
+        """`evaluate` with the calibration set for this call (EvaluationServer.evaluate)."""
+        if not self._sync(token, state):
+            return None
+        return self.server.evaluate(split, calibrate=calibrate)
+
     def commit(self, layer: int, z: np.ndarray, before, after) -> bool:
         if self.token != before:
             return False
@@ -497,7 +503,9 @@ class RemoteServer:
         self.last_compute_s = max(p["compute_s"] for p in parts)  # slowest share, in its actor
         return {key: np.concatenate([p[key] for p in parts]) for key in ("loss", "accuracy")}
 
-    def evaluate(self, split: str) -> dict:
+    def evaluate(self, split: str, calibrate: bool | None = None) -> dict:
+        if calibrate is not None:
+            return self._gather([("evaluate_calibrated", (split, calibrate))])[0]
         return self._gather([("evaluate", (split,))])[0]
 
     def _gather(self, jobs: list[tuple[str, tuple]], hook=None) -> list:

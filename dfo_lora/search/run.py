@@ -5,8 +5,9 @@ Output folder:
 - `log.jsonl`         one line per generation and per dev evaluation;
 - `checkpoint/state.safetensors`  written atomically after every layer visit (and
                        every `checkpoint_every_s` within long visits);
-- `results.json`      dev/test metrics of the tuned (best-dev) and zero-shot states,
-                       evaluations, wall time, peak memory, versions;
+- `results.json`      dev/test metrics of the tuned (best-dev) and zero-shot states, and
+                       of the calibrated zero state (`calibrated_zero_shot`, whatever the
+                       run's objective), evaluations, wall time, peak memory, versions;
 - `tuned.safetensors` z per layer of the best-dev state (+ the space's settings), which
                        `dfo-lora eval` loads.
 """
@@ -124,6 +125,7 @@ def tune(
     else:
         log.truncate(0)
     results = search.run()
+    results["calibrated_zero_shot"] = calibrated_zero_shot(server, config, results["zero_shot"])
     results["peak_mem_bytes"] = server.peak_memory()
     results["versions"] = versions()
     results["server"] = {k: v for k, v in server.info().items() if k != "sigma_hat"}
@@ -131,6 +133,19 @@ def tune(
     save_tuned(out / "tuned.safetensors", search.best_dev_z, config)
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, sort_keys=True).encode())
     return results
+
+
+def calibrated_zero_shot(server, config: TuneConfig, zero_shot: dict) -> dict:
+    """The calibrated zero state's dev and test metrics, whatever the run's objective, so
+    every results.json shows plain prompt, calibrated zero state and tuned state."""
+    if config.calibrate:  # the run's zero_shot is that state already
+        return {split: dict(zero_shot[split]) for split in ("dev", "test")}
+    current = server.get_state()
+    server.set_state(np.zeros_like(current))
+    try:
+        return {split: server.evaluate(split, calibrate=True) for split in ("dev", "test")}
+    finally:
+        server.set_state(current)
 
 
 def server_metric(server) -> str:

@@ -291,19 +291,22 @@ class EvaluationServer:
                 labels[bucket.order[rows]] = bucket.labels[rows].cpu().numpy()
         return {"logits": logits, "labels": labels}
 
-    def evaluate(self, split: str) -> dict[str, float]:
+    def evaluate(self, split: str, calibrate: bool | None = None) -> dict[str, float]:
         """Metric(s) and mean loss of a split under the committed state.
 
         With `calibrate`, the mean train logits of the same state are subtracted first
         (the bias estimated from the k-shot train set only, never from the split); the
         metric of the plain prompt's argmax is reported too, as `uncalibrated_<metric>`.
+        `calibrate=None` is the server's own setting; True/False overrides it for this call
+        (results.json's `calibrated_zero_shot`, the baselines).
         """
         from dfo_lora.tasks import compute_metric
 
+        calibrate = self.calibrate if calibrate is None else calibrate
         out = self.predict(split)
         logits, labels = torch.from_numpy(out["logits"]), torch.from_numpy(out["labels"])
         extra = {}
-        if self.calibrate:
+        if calibrate:
             plain = compute_metric(self.metric, out["logits"].argmax(-1), out["labels"])
             extra = {f"uncalibrated_{k}": float(v) for k, v in plain.items()}
             logits = logits - torch.from_numpy(self.predict("train")["logits"]).mean(0)
