@@ -15,13 +15,17 @@ VERBALIZER = [7, 11, 13]
 RTOL = 1e-4
 
 
-def make_server(arch, targets=("q", "k"), options=None, loss="ce", n_train=10, seed=0):
+def make_server(
+    arch, targets=("q", "k"), options=None, loss="ce", n_train=10, seed=0, a_factor="searched"
+):
     backbone = tiny_model(arch, seed)
     splits = {
         "train": random_examples(backbone, n_train, seed=1),
         "dev": random_examples(backbone, 7, seed=2),
     }
-    space = LowRankConfig(targets=targets, rank=4, intrinsic_dim=40, alpha=3.0, sigma=1.0, seed=3)
+    space = LowRankConfig(
+        targets=targets, rank=4, intrinsic_dim=40, alpha=3.0, sigma=1.0, seed=3, a_factor=a_factor
+    )
     server = EvaluationServer(backbone, splits, VERBALIZER, space=space, loss=loss, options=options)
     return server, splits
 
@@ -46,6 +50,32 @@ def reference_losses(server, z_state, layer, candidates, examples, loss="ce"):
 @pytest.mark.parametrize("targets", [("q", "k"), ("v", "o")])
 def test_score_equals_merged_hf_forward(arch, targets):
     server, splits = make_server(arch, targets)
+    _check_score_against_reference(server, splits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("a_factor", ["pca", "random"])
+def test_fixed_a_space_equals_merged_hf_forward(arch, a_factor):
+    server, splits = make_server(arch, ("q", "v", "o"), a_factor=a_factor)
+    assert server.dim == 40  # all of z goes to the three B chunks
+    _check_score_against_reference(server, splits)
+
+
+def test_pca_a_factor_whitens_the_module_input():
+    """A's rows are the top principal directions of the input, scaled to unit variance:
+    A x over the train tokens has identity covariance (checked against a plain eigh)."""
+    server, _ = make_server("llama", ("o",), a_factor="pca")
+    moments = server.space.input_moments[1]["o"]
+    a = server.space.fixed_a(1)[0].double()  # (r, in)
+    cov = moments.cov.double()
+    assert torch.allclose(a @ cov @ a.T, torch.eye(4, dtype=torch.float64), atol=1e-4)
+    top = torch.linalg.eigh(cov)[1][:, -1]
+    assert abs(float(torch.nn.functional.cosine_similarity(a[0], top, dim=0))) > 0.999
+    # The statistics are those of o_proj's real input: a plain forward captured by a hook.
+    assert moments.cov.shape == (server.adapted[1]["o"].shape[0],) * 2
+
+
+def _check_score_against_reference(server, splits):
     rng = np.random.default_rng(0)
     # Commit other layers first so the check covers committed deltas above and below.
     server.commit(0, rng.normal(size=server.dim))

@@ -8,13 +8,17 @@ from dfo_lora.lowrank.layer import (
 )
 from dfo_lora.lowrank.space import (
     DEFAULT_TARGETS,
+    A_FACTORS,
     FactorShape,
+    InputMoments,
     LowRankConfig,
     LowRankSpace,
     clipped_std,
 )
 
 __all__ = [
+    "A_FACTORS",
+    "InputMoments",
     "DEFAULT_TARGETS",
     "AdaptedProjection",
     "FactorShape",

@@ -12,6 +12,16 @@ Projection entries are N(0, s_l^2) with s_l = alpha * sigma_hat_l / (sqrt(d) * s
 (see `clipped_std`), layer 0 using the std of the word-embedding matrix. They are drawn
 on the CPU in fp32 from a generator seeded by (seed, layer, chunk), so the same seed
 gives the same space on every device.
+
+`a_factor` (not the paper's; default `searched` is) fixes each A_t instead of searching it,
+and all of z goes to the B_t chunks, so the delta B_t(z) @ A_t is linear in z, as in
+LoRA's own initialisation (B = 0, A random): a small step of z changes the loss to first
+order, where the paper's z = 0 (A = B = 0) changes it only to second order.
+- `pca`: A_t's rows are the top-r principal directions of the projection's input over the
+  train split's real tokens (zero state), scaled to unit variance (whitened), so A_t x are
+  the r main coordinates of what the module reads;
+- `random`: r random orthonormal rows (seeded like the maps), scaled so A_t x has unit
+  variance on average.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import torch
 from dfo_lora.errors import UserError
 
 DEFAULT_TARGETS = ("q", "k")
+A_FACTORS = ("searched", "pca", "random")
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,15 @@ class LowRankConfig:
     alpha: float = 1.0  # projection std multiplier
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
+    a_factor: str = "searched"  # searched (paper) | pca | random: fixed A, z -> B only
+
+    @property
+    def searches_a(self) -> bool:
+        return self.a_factor == "searched"
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.targets) * (2 if self.searches_a else 1)
 
     def validate(self) -> None:
         for name in ("rank", "intrinsic_dim"):
@@ -48,10 +68,12 @@ class LowRankConfig:
             raise UserError("targets: at least one projection is needed (e.g. q,k)")
         if len(set(self.targets)) != len(self.targets):
             raise UserError(f"targets: duplicate entries in {','.join(self.targets)}")
-        if self.intrinsic_dim < 2 * len(self.targets):
+        if self.a_factor not in A_FACTORS:
+            raise UserError(f"a_factor: {self.a_factor!r} is not one of {', '.join(A_FACTORS)}")
+        if self.intrinsic_dim < self.num_chunks:
             raise UserError(
                 f"intrinsic_dim: {self.intrinsic_dim} is fewer than the "
-                f"{2 * len(self.targets)} chunks of targets {','.join(self.targets)}"
+                f"{self.num_chunks} chunks of targets {','.join(self.targets)}"
             )
 
 
@@ -73,6 +95,14 @@ class FactorShape:
     out_features: int
 
 
+@dataclass(frozen=True)
+class InputMoments:
+    """Mean (in,) and covariance (in, in) of one projection's input over real train tokens."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+
 class LowRankSpace:
     """Maps each layer's z (d,) to the low-rank factors of its adapted projections."""
 
@@ -82,14 +112,19 @@ class LowRankSpace:
         shapes: list[FactorShape],
         sigma_hat: list[float],
         device: torch.device,
+        input_moments: list[dict[str, InputMoments]] | None = None,
     ):
         config.validate()
+        if not config.searches_a and input_moments is None:
+            raise UserError(f"a_factor: {config.a_factor} needs the inputs' statistics")
         self.config = config
         self.shapes = shapes
         self.sigma_hat = list(sigma_hat)
         self.device = device
-        self.chunk_sizes = [len(c) for c in np.array_split(np.arange(self.dim), 2 * len(shapes))]
+        self.input_moments = input_moments
+        self.chunk_sizes = [len(c) for c in np.array_split(np.arange(self.dim), config.num_chunks)]
         self._maps: dict[int, list[torch.Tensor]] = {}
+        self._fixed_a: dict[int, list[torch.Tensor]] = {}
 
     @property
     def dim(self) -> int:
@@ -119,10 +154,39 @@ class LowRankSpace:
 
     def _factor_sizes(self) -> list[tuple[int, int]]:
         r = self.config.rank
+        if not self.config.searches_a:  # z feeds the B chunks only
+            return [
+                (shape.out_features * r, w)
+                for shape, w in zip(self.shapes, self.chunk_sizes, strict=True)
+            ]
         sizes = []
         for shape, (wa, wb) in zip(self.shapes, _pairs(self.chunk_sizes), strict=True):
             sizes += [(r * shape.in_features, wa), (shape.out_features * r, wb)]
         return sizes
+
+    def fixed_a(self, layer: int) -> list[torch.Tensor]:
+        """The layer's fixed A_t (r, in) per target (a_factor pca or random), fp32."""
+        if layer not in self._fixed_a:
+            mats = []
+            for index, shape in enumerate(self.shapes):
+                moments = self.input_moments[layer][shape.target]
+                cov = moments.cov.double().cpu()
+                if self.config.a_factor == "pca":
+                    values, vectors = torch.linalg.eigh(cov)  # ascending
+                    top = torch.arange(len(values) - 1, len(values) - 1 - self.config.rank, -1)
+                    scale = values[top].clamp_min(1e-12 * float(values[-1])).rsqrt()
+                    mat = vectors[:, top].T * scale[:, None]
+                else:
+                    gen = torch.Generator().manual_seed(
+                        (self.config.seed * 1_000_003 + layer * 1_009 + 500 + index) % (2**63)
+                    )
+                    raw = torch.randn(shape.in_features, self.config.rank, generator=gen)
+                    rows = torch.linalg.qr(raw.double())[0].T  # (r, in) orthonormal
+                    second = cov + torch.outer(moments.mean.double().cpu(), moments.mean.double())
+                    mat = rows / torch.sqrt(torch.trace(second) / shape.in_features)
+                mats.append(mat.float().to(self.device))
+            self._fixed_a[layer] = mats
+        return self._fixed_a[layer]
 
     def factors(
         self, layer: int, z: torch.Tensor, dtype: torch.dtype
@@ -134,8 +198,12 @@ class LowRankSpace:
         r = self.config.rank
         out = {}
         for i, shape in enumerate(self.shapes):
-            a = _rowwise(pieces[2 * i], mats[2 * i]).view(-1, r, shape.in_features)
-            b = _rowwise(pieces[2 * i + 1], mats[2 * i + 1]).view(-1, shape.out_features, r)
+            if self.config.searches_a:
+                a = _rowwise(pieces[2 * i], mats[2 * i]).view(-1, r, shape.in_features)
+                b = _rowwise(pieces[2 * i + 1], mats[2 * i + 1]).view(-1, shape.out_features, r)
+            else:
+                a = self.fixed_a(layer)[i].expand(z.shape[0], r, shape.in_features)
+                b = _rowwise(pieces[i], mats[i]).view(-1, shape.out_features, r)
             out[shape.target] = (a.to(dtype), b.to(dtype))
         return out
 

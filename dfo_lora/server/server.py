@@ -31,6 +31,7 @@ from dfo_lora.errors import UserError
 from dfo_lora.lowrank import (
     AdaptedProjection,
     FactorShape,
+    InputMoments,
     LowRankConfig,
     LowRankSpace,
     clipped_std,
@@ -113,7 +114,9 @@ class EvaluationServer:
         self._cache: list[list[torch.Tensor] | None] = [None] * (self.num_layers + 1)
         self._cache[0] = self._embed("train")
         self._valid_upto = 0
-        self.space = LowRankSpace(space, shapes, self._sigma_hat(), backbone.device)
+        sigma_hat = self._sigma_hat()
+        moments = None if space.searches_a else self._input_moments(space.targets)
+        self.space = LowRankSpace(space, shapes, sigma_hat, backbone.device, moments)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -174,6 +177,40 @@ class EvaluationServer:
             real = torch.cat([h[m] for h, m in zip(self._cache[layer], masks, strict=True)])
             sigma.append(clipped_std(real))
         return sigma
+
+    @torch.inference_mode()
+    def _input_moments(self, targets: tuple[str, ...]) -> list[dict[str, InputMoments]]:
+        """Mean and covariance of each adapted projection's input over the real train
+        tokens of the zero state (fp64 sums), for spaces whose A factor is fixed."""
+        masks = [b.attention_mask.bool() for b in self.buckets["train"]]
+        moments = []
+        for j in range(self.num_layers):
+            sums: dict[int, list] = {}
+            current = {}
+
+            def record(module, args, sums=sums, current=current):
+                x = args[0][current["mask"]].double()  # (real tokens, in)
+                acc = sums.setdefault(id(module), [0, 0.0, 0.0])
+                acc[0] += x.shape[0]
+                acc[1] = acc[1] + x.sum(0)
+                acc[2] = acc[2] + x.T @ x
+
+            modules = {id(w): w for w in self.adapted[j].values()}
+            hooks = [m.register_forward_pre_hook(record) for m in modules.values()]
+            try:
+                for h, bucket, mask in zip(self._cache[j], self.buckets["train"], masks):
+                    current["mask"] = mask
+                    self.arch.run_layer(self.layers[j], h, self._stack_inputs[id(bucket)])
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            per_target = {}
+            for target in targets:
+                count, total, outer = sums[id(self.adapted[j][target])]
+                mean = total / count
+                per_target[target] = InputMoments(mean, outer / count - torch.outer(mean, mean))
+            moments.append(per_target)
+        return moments
 
     # ------------------------------------------------------------------ state
     def commit(self, layer: int, z: np.ndarray) -> None:
