@@ -1,4 +1,4 @@
-"""`dfo-lora tune | eval | tasks | bench | sweep`.
+"""`dfo-lora tune | eval | tasks | bench | sweep | baseline`.
 
 Every `tune` option is a TuneConfig field (see `dfo-lora tune --help`); `--config FILE`
 loads YAML first and options given on the command line override it. Bad input prints
@@ -13,6 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from dfo_lora.baselines.cli import add_baseline_parser, cmd_baseline
 from dfo_lora.config import FIELD_TYPES, TuneConfig, load_config
 from dfo_lora.errors import UserError
 
@@ -111,6 +112,8 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "dev", "test"])
     ev.add_argument("--zero-shot", action="store_true", help="score the unmodified model instead")
     ev.add_argument("--data-dir", default=None, help="override the run's data folder")
+
+    add_baseline_parser(sub)
 
     sweep = sub.add_parser("sweep", help="a grid of runs on Ray server actors (see --help)")
     sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="out, concurrency, grid, config")
@@ -273,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": cmd_tasks,
         "bench": cmd_bench,
         "sweep": cmd_sweep,
+        "baseline": cmd_baseline,
     }
     try:
         return commands[args.command](args)

@@ -1,0 +1,101 @@
+"""`gradient-lora`: LoRA trained by back-propagation (peft + AdamW), the ceiling.
+
+The ceiling that the forward-only search is judged against, on exactly its data: peft
+LoRA on the registry's `targets` projections of every layer (default q,v, r = 8,
+lora_alpha = 8, i.e. scaling 1, no dropout), AdamW over the LoRA weights only, full
+batch: each step is one forward and backward over the whole k-shot train split. The loss
+is the server's (`ce` or `hinge` on the verbalizer logits at the slot; with `calibrate`
+on the calibrated logits, as `tune --calibrate` scores). Dev is scored at step 0 (the
+zero state) and every `eval_every` steps and after the last; the state kept is chosen by
+tune's rule (best dev metric, ties: lower dev loss, then earlier) and scored on test once.
+
+results.json adds `steps`, `best_dev_step`, `train_loss` (first, last, min over steps:
+each the loss before that step's update), `lora_parameters`; `evaluations` counts
+forward passes over the train split (one per step, each with its backward). The kept
+LoRA weights are saved as `lora.safetensors` (peft's parameter names).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dfo_lora.baselines.common import DevSelection, ProgressBar, train_loss
+from dfo_lora.baselines.lora import add_lora, lora_parameter_count, restore, save_lora, snapshot
+from dfo_lora.baselines.registry import Option
+
+HELP = "LoRA trained with gradients (peft, AdamW, full batch, dev-selected): the ceiling"
+LORA_OPTIONS = {
+    "targets": Option(["q", "v"], "adapted projections (backbone registry names)"),
+    "rank": Option(8, "LoRA rank r", positive=True),
+    "lora_alpha": Option(8.0, "LoRA alpha; the delta is scaled by alpha / r", positive=True),
+}
+OPTIONS = {
+    **LORA_OPTIONS,
+    "lr": Option(5e-4, "AdamW learning rate", positive=True),
+    "weight_decay": Option(0.01, "AdamW weight decay (torch's default)", minimum=0),
+    "steps": Option(
+        100, "optimizer steps, each one full batch over the train split", positive=True
+    ),
+    "eval_every": Option(10, "steps between dev evaluations", positive=True),
+    "loss": Option("ce", "loss on the verbalizer logits: ce | hinge", choices=("ce", "hinge")),
+    "calibrate": Option(False, "train and score calibrated logits (tune's --calibrate)"),
+}
+
+
+def run(ctx) -> dict:
+    o = ctx.options
+    params = add_lora(ctx, ctx.method, o["targets"], o["rank"], o["lora_alpha"])
+    optimizer = torch.optim.AdamW(
+        [p for _, p in params], lr=o["lr"], weight_decay=o["weight_decay"]
+    )
+    select = DevSelection(ctx.metric)
+
+    def dev_check(step: int) -> None:
+        dev = ctx.evaluate("dev", o["calibrate"])
+        select.offer(dev, evals=step, step=step, state=snapshot(params))
+        ctx.log_dev({"evals": step, "step": step, "dev": dev, "best_dev": select.best})
+        bar.dev(select.best)
+
+    bar = ProgressBar(o["steps"], ctx.metric, disable=not ctx.progress)
+    dev_check(0)
+    losses: list[float] = []
+    for step in range(1, o["steps"] + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss, accuracy = train_loss(ctx.server, o["loss"], o["calibrate"])
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        ctx.log_step(
+            {
+                "evals": step,
+                "step": step,
+                "popsize": 1,
+                "loss_min": losses[-1],
+                "loss_mean": losses[-1],
+                "best_loss": min(losses),
+                "train_acc_max": accuracy,
+                "time_s": time.perf_counter() - ctx.started,
+            }
+        )
+        bar.step(losses[-1])
+        if step % o["eval_every"] == 0 or step == o["steps"]:
+            dev_check(step)
+    bar.close()
+    restore(params, select.state)
+    test = ctx.evaluate("test", o["calibrate"])
+    save_lora(
+        ctx.open_out() / "lora.safetensors",
+        params,
+        {"method": ctx.method, "step": select.best_step, **o},
+    )
+    return ctx.finish(
+        {"dev": select.best, "test": test},
+        evaluations=o["steps"],
+        best_dev_evals=select.best_evals,
+        steps=o["steps"],
+        best_dev_step=select.best_step,
+        train_loss={"first": losses[0], "last": losses[-1], "min": min(losses)},
+        lora_parameters=lora_parameter_count(params),
+    )

@@ -1,0 +1,76 @@
+"""`run_baseline`: one baseline run into an output folder, like `tune`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from dfo_lora.baselines.common import Context
+from dfo_lora.baselines.lora import require_peft
+from dfo_lora.baselines.registry import get_method
+from dfo_lora.config import TuneConfig
+from dfo_lora.errors import UserError
+
+
+def default_out(method: str, config: TuneConfig) -> Path:
+    return Path("runs") / f"{Path(config.task).stem}-{config.seed}-{method}"
+
+
+def run_baseline(
+    method: str,
+    config: TuneConfig,
+    options: dict | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run baseline `method` on the data `config` names; returns results (results.json).
+
+    `config` gives the shared settings (model, task, data_dir, k, seed, test_limit,
+    max_length, dtype, device, loss, performance); `options` the method's own (CLI
+    strings or YAML values, checked against the registry). Every check (method, options,
+    peft, output folder, ICL fit) runs before anything is written to `out`.
+    """
+    from dfo_lora.search.run import prepare_out_dir
+
+    entry = get_method(method)
+    resolved = entry.resolve(options)
+    if entry.needs_peft:
+        require_peft(entry.name)
+    out = Path(out) if out is not None else default_out(entry.name, config)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out: {out} is a file, not a folder")
+    prepare_out_dir(out, config, resume=False, overwrite=overwrite)  # checks only
+    if entry.uses_tune:
+        return entry.run(config, resolved, out, overwrite=overwrite, progress=progress)
+
+    ctx = prepare_context(entry.name, config, resolved, out, progress)
+    ctx.score_prompt()
+    return entry.run(ctx)
+
+
+def prepare_context(
+    method: str, config: TuneConfig, options: dict, out: Path, progress: bool = True
+) -> Context:
+    """Data, backbone and server as tune builds them (the server scores the plain prompt;
+    a method chooses calibration per evaluation); nothing is written yet."""
+    from dfo_lora.backbone import load_backbone
+    from dfo_lora.server.factory import build_server, load_data
+
+    spec = dataclasses.replace(
+        config.server_spec(), calibrate=False, loss=options.get("loss", config.loss)
+    )
+    data = load_data(spec)
+    backbone = load_backbone(spec.model, spec.dtype, spec.device, spec.trust_remote_code)
+    server = build_server(spec, backbone=backbone, data=data)
+    return Context(
+        method=method,
+        options=options,
+        config=config,
+        spec=spec,
+        data=data,
+        backbone=backbone,
+        server=server,
+        out=Path(out),
+        progress=progress,
+    )
