@@ -26,6 +26,21 @@ Each run writes the usual output folder (`<out>/<key>=<value>__...`); `sweep.jso
 whose results.json exists, resumes runs that left a checkpoint with the same config,
 and starts the others afresh. `backend: local` in `config` runs the grid one run at a
 time in this process instead.
+
+Baselines: `method` also takes a baseline name (`dfo-lora baseline`: zero-shot,
+calibrated, icl, gradient-lora, mezo-lora, c-lora, f-lora). Such a run runs that
+baseline on the run's model, task, data and seed (the other TuneConfig values of the
+run are its shared settings: test_limit, max_length, dtype, ...), in this process, one
+at a time (backend local), writes its folder and its sweep.jsonl line like a tuning
+run, and is skipped on a re-run once its results.json exists. Method options go in
+`config:` under `baseline:`, keyed by method (each checked before anything runs):
+
+    grid:
+      method: [calibrated, gradient-lora, mezo-lora, cma]
+    config:
+      baseline:
+        gradient-lora: {steps: 100, lr: 5.0e-4}
+        mezo-lora: {steps: 500}
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ import re
 import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -56,6 +71,8 @@ class SweepRun:
     params: dict  # grid values, keyed as in the file
     config: TuneConfig
     out: Path
+    baseline: str | None = None  # a `dfo-lora baseline` method instead of a tuning run
+    options: dict = field(default_factory=dict)  # that method's options
 
     @property
     def group_key(self) -> str:
@@ -97,8 +114,13 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
     for name, value in (("grid", grid), ("config", base)):
         if not isinstance(value, dict):
             raise UserError(f"{path}: {name}: expected a mapping, got {type(value).__name__}")
+    from dfo_lora.baselines.registry import methods, options_by_method
+
+    baselines = options_by_method(base.get("baseline"), where=f"{path}: config: ")
     values: dict = {"backend": "ray"}
     for key, value in base.items():
+        if key == "baseline":
+            continue
         if key in ALIASES:
             key = ALIASES[key]
         values[key] = coerce(key, value, where=f"{path}: config: ")
@@ -122,14 +144,22 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
                 f"{path}: grid: runs {seen[name]} and {params} get the same folder name {name!r}"
             )
         seen[name] = params
+        merged = {**values, **{ALIASES.get(k, k): v for k, v in params.items()}}
+        baseline = merged.get("optimizer")
+        if baseline in methods():  # a baseline: its own runner, in this process
+            merged.pop("optimizer")
+            merged["backend"] = "local"
+        else:
+            baseline = None
         config = TuneConfig()
-        for key, value in {**values, **{ALIASES.get(k, k): v for k, v in params.items()}}.items():
+        for key, value in merged.items():
             setattr(config, key, value)
         try:
             config.validate()
         except UserError as exc:
             raise UserError(f"{path}: run {name}: {exc}") from None
-        runs.append(SweepRun(name, params, config, root / name))
+        options = dict(baselines.get(baseline, {})) if baseline else {}
+        runs.append(SweepRun(name, params, config, root / name, baseline, options))
     addresses = {r.config.address for r in runs if r.config.backend == "ray"}
     if len(addresses) > 1:
         raise UserError(f"{path}: address: one sweep uses one cluster, got {sorted(addresses)}")
@@ -154,6 +184,12 @@ def _record(run: SweepRun, root: Path, status: str, results=None, error=None) ->
             evaluations=results["evaluations"],
             wall_time_s=results["wall_time_s"],
         )
+        calibrated = results.get("calibrated_zero_shot")
+        if calibrated:
+            record.update(
+                calibrated_zero_shot_dev=calibrated["dev"][metric],
+                calibrated_zero_shot_test=calibrated["test"][metric],
+            )
     if error is not None:
         record["error"] = error
     return record
@@ -283,7 +319,7 @@ def run_sweep(
     def one(run: SweepRun, server_for=None) -> None:
         from dfo_lora.search.run import tune
 
-        resume = _resumable(run)
+        resume = run.baseline is None and _resumable(run)
         echo(f"sweep: {run.name}: {'resuming' if resume else 'starting'}")
         optimizers = None
         try:
@@ -294,8 +330,17 @@ def run_sweep(
 
                 kwargs["server"] = RemoteServer(server_for(run))
                 kwargs["optimizers"] = optimizers = RemoteOptimizers()
-            config = None if resume else run.config
-            results = tune(config, run.out, resume=resume, overwrite=True, progress=False, **kwargs)
+            if run.baseline is not None:
+                from dfo_lora.baselines import run_baseline
+
+                results = run_baseline(
+                    run.baseline, run.config, run.options, run.out, overwrite=True, progress=False
+                )
+            else:
+                config = None if resume else run.config
+                results = tune(
+                    config, run.out, resume=resume, overwrite=True, progress=False, **kwargs
+                )
         except Exception as exc:  # noqa: BLE001 - one failed run must not stop the sweep
             message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             save(run, _record(run, sweep.out, "failed", error=message.splitlines()[0]))
