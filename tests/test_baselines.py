@@ -365,3 +365,12 @@ def test_gradient_lora_on_smollm2_lowers_train_loss(tmp_path):
     assert results["train_loss"]["last"] < results["train_loss"]["first"]
     assert results["peak_mem_bytes"] > 0 and results["wall_time_s"] > 0
     assert results["server"]["split_sizes"] == {"train": 32, "dev": 32, "test": 50}
+
+
+def test_readme_documents_every_method_and_option():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Baselines") :]
+    for name, method in methods().items():
+        assert f"`{name}`" in section, name
+        for option in method.options:
+            assert f"`--{option.replace('_', '-')}`" in section, (name, option)
