@@ -90,6 +90,16 @@ def _metavar(name: str) -> str:
     return "LIST" if "list" in str(kind) else text.replace(" | NONE", "")
 
 
+def optimizers_epilog() -> str:
+    """The layer optimizers and the options each takes (--optimizer-options), from the registry."""
+    from dfo_lora.optim import describe_optimizers
+
+    return (
+        "layer optimizers (--optimizer NAME, or fwa / hybrid with --fwa-variant NAME);\n"
+        "--optimizer-options K=V,... takes the options listed:\n" + describe_optimizers()
+    )
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="dfo-lora",
@@ -97,7 +107,12 @@ def build_parser() -> ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
-    tune = sub.add_parser("tune", help="tune a model on a few-shot task")
+    tune = sub.add_parser(
+        "tune",
+        help="tune a model on a few-shot task",
+        epilog=optimizers_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tune.add_argument(
         "--config", metavar="FILE", help="YAML config; command-line options override it"
     )

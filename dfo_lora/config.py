@@ -18,6 +18,14 @@ import yaml
 
 from dfo_lora.errors import UserError, did_you_mean
 from dfo_lora.lowrank import LowRankConfig
+from dfo_lora.search import policy
+from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported here
+    COMMITS,
+    FWA_VARIANTS,
+    HYBRID_MODES,
+    LAYER_ORDERS,
+    parse_layers,
+)
 from dfo_lora.server import LOSSES, ServerOptions
 from dfo_lora.server.factory import ServerSpec
 
@@ -29,10 +37,7 @@ def opt(default, help_text: str):
     return field(default=default, metadata={"help": help_text})
 
 
-OPTIMIZERS = ("cma", "cma_diag", "fwa", "efwa", "dynfwa", "bbfwa", "hybrid")
-LAYER_ORDERS = ("bottom_up", "top_down", "random")
-COMMITS = ("best", "mean")
-HYBRID_MODES = ("layer", "round")
+OPTIMIZERS = policy.RUN_OPTIMIZERS  # the optim registry's names + hybrid
 BACKENDS = ("local", "ray")
 
 
@@ -64,14 +69,8 @@ class TuneConfig:
         False, "subtract each state's mean train logits before loss and metric (not the paper's)"
     )
     # ---- search
-    optimizer: str = opt(
-        "cma",
-        "cma (C-LoRA) | fwa (F-LoRA: --fwa-variant) | hybrid | cma_diag | efwa | dynfwa | bbfwa",
-    )
-    fwa_variant: str = opt(
-        "dynfwa",
-        "Fireworks variant of fwa and hybrid: fwa (Tan & Zhu 2010) | efwa | dynfwa | bbfwa",
-    )
+    optimizer: str = opt("cma", policy.optimizer_help())
+    fwa_variant: str = opt("dynfwa", policy.fwa_variant_help())
     optimizer_options: dict = opt(
         {},
         "options of the (Fireworks) optimizer, e.g. n_fireworks=5,amplitude=2.0 (YAML: a mapping)",
@@ -106,7 +105,7 @@ class TuneConfig:
 
     def validate(self) -> TuneConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("fwa_variant", self.fwa_variant, ("fwa", "efwa", "dynfwa", "bbfwa"))
+        _check_choice("fwa_variant", self.fwa_variant, FWA_VARIANTS)
         _check_choice("hybrid_mode", self.hybrid_mode, HYBRID_MODES)
         _check_choice("layer_order", self.layer_order, LAYER_ORDERS)
         _check_choice("commit", self.commit, COMMITS)
@@ -150,14 +149,17 @@ class TuneConfig:
 
     def _validate_optimizer_options(self) -> None:
         """Build each layer optimizer kind once, so bad options fail before the model loads."""
-        from dfo_lora.search.loop import optimizer_kinds, options_for
+        from dfo_lora.optim import make_optimizer
 
-        for kind in optimizer_kinds(self):
+        for kind in policy.optimizer_kinds(self):
             try:
-                from dfo_lora.optim import make_optimizer
-
                 make_optimizer(
-                    kind, self.intrinsic_dim, self.popsize, self.sigma, 0, **options_for(self, kind)
+                    kind,
+                    self.intrinsic_dim,
+                    self.popsize,
+                    self.sigma,
+                    0,
+                    **policy.options_for(self, kind),
                 )
             except UserError as exc:
                 raise UserError(f"optimizer_options: {exc}") from None
@@ -198,47 +200,6 @@ class TuneConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def parse_layers(spec: str, num_layers: int | None) -> list[int]:
-    """The searched layers, ascending, from `all | top:N | bottom:N | 0,4,20-29`.
-
-    With `num_layers=None` (the model is not loaded yet) only the syntax is checked, and
-    `all`, `top:N` and `bottom:N` give [] since their layers are not known yet.
-    """
-    text = spec.strip().lower()
-    try:
-        side, _, count = text.partition(":")
-        if text == "all":
-            chosen = list(range(num_layers or 0))
-        elif side in ("top", "bottom") and count:
-            n = int(count)
-            if n <= 0:
-                raise ValueError
-            if num_layers is None:
-                chosen = []
-            elif n > num_layers:
-                raise UserError(f"layers: {spec!r} asks for {n} of the model's {num_layers} layers")
-            else:
-                chosen = list(range(num_layers - n, num_layers) if side == "top" else range(n))
-        else:
-            picked: set[int] = set()
-            for part in text.split(","):
-                first, _, last = part.strip().partition("-")
-                lo, hi = int(first), int(last) if last else int(first)
-                if lo < 0 or hi < lo:
-                    raise ValueError
-                picked.update(range(lo, hi + 1))
-            chosen = sorted(picked)
-    except ValueError:
-        raise UserError(
-            f"layers: {spec!r} is not all, top:N, bottom:N or a list such as 0,4,20-29"
-        ) from None
-    if num_layers is not None and chosen and chosen[-1] >= num_layers:
-        raise UserError(
-            f"layers: layer {chosen[-1]} does not exist (the model has layers 0-{num_layers - 1})"
-        )
-    return chosen
 
 
 def _check_choice(name: str, value, choices) -> None:

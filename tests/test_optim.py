@@ -423,3 +423,22 @@ def test_optimizers_never_import_torch():
     )
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_one_registry_feeds_the_factory_the_config_and_the_cli_help():
+    from dfo_lora.cli import build_parser
+    from dfo_lora.config import FWA_VARIANTS, OPTIMIZERS, TuneConfig
+    from dfo_lora.optim.registry import OPTIMIZERS as REGISTRY
+
+    assert OPTIMIZERS == (*REGISTRY, "hybrid")  # run-level choices = registry + hybrid
+    assert FWA_VARIANTS == tuple(n for n, e in REGISTRY.items() if e.family == "fireworks")
+    tune_help = build_parser()._subparsers._group_actions[0].choices["tune"].format_help()
+    for name, entry in REGISTRY.items():
+        opt = make_optimizer(name, 4, 6, 1.0, 0)
+        assert isinstance(opt, entry.load()) and opt.name == name
+        with pytest.raises(UserError, match=rf"{name}.bogus: unknown option .*options: "):
+            make_optimizer(name, 4, 6, 1.0, 0, bogus=1)
+        assert name in tune_help and entry.options[0] in tune_help
+        if entry.family == "fireworks":
+            TuneConfig(optimizer="fwa", fwa_variant=name).validate()
+        TuneConfig(optimizer=name, intrinsic_dim=4, popsize=6).validate()

@@ -266,3 +266,33 @@ def test_hybrid_alternates_optimizer_kinds(tiny_llama_dir):
     )
     search = LayerwiseSearch(server, with_opts, metric="accuracy")
     assert search.optimizer_for(1, 0).options["cr"] == 0.5
+
+
+def test_no_config_loop_import_cycle():
+    """The run-level policy lives in search/policy.py: config and loop both import it, the
+    loop reads the config class for type hints only, and either side imports first."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "dfo_lora"
+
+    def imported(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                node.body = [ast.Pass()]  # typing-only imports
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    assert "dfo_lora.config" not in imported(root / "search" / "loop.py")
+    assert "dfo_lora.config" not in imported(root / "search" / "policy.py")
+    assert not {n for n in imported(root / "config.py") if n.startswith("dfo_lora.search.")} - {
+        "dfo_lora.search.policy"
+    }
+    for first in ("dfo_lora.search.loop", "dfo_lora.search", "dfo_lora.config"):
+        code = f"import {first}; import dfo_lora.config, dfo_lora.search.loop, dfo_lora.search.run"
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 0, first

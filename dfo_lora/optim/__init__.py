@@ -7,6 +7,9 @@
     state = opt.state_dict()           # JSON values + numpy arrays
     opt2 = optimizer_from_state(state) # continues bit for bit
 
+The one table of optimizers (name -> class, allowed options, help) is
+`registry.OPTIMIZERS`; the factory, the run config and the CLI help all read it.
+
 No torch here (the optimizers never see the model), no global RNG left changed.
 """
 
@@ -17,11 +20,15 @@ from dfo_lora.optim.base import (
     make_optimizer,
     optimizer_from_state,
 )
+from dfo_lora.optim.registry import OPTIMIZERS, OptimizerEntry, describe_optimizers
 
 __all__ = [
+    "OPTIMIZERS",
     "OPTIMIZER_NAMES",
     "Optimizer",
     "OptimizerConfig",
+    "OptimizerEntry",
+    "describe_optimizers",
     "make_optimizer",
     "optimizer_from_state",
 ]

@@ -34,12 +34,14 @@ from typing import Any
 import numpy as np
 
 from dfo_lora.errors import UserError, did_you_mean
+from dfo_lora.optim.registry import (  # noqa: F401 - the names are re-exported here
+    CMA_NAMES,
+    FIREWORKS_NAMES,
+    OPTIMIZER_NAMES,
+    optimizer_entry,
+)
 
 STATE_VERSION = 1  # bump when the layout of state_dict() changes
-
-CMA_NAMES = ("cma", "cma_diag")
-FIREWORKS_NAMES = ("fwa", "efwa", "dynfwa", "bbfwa")
-OPTIMIZER_NAMES = CMA_NAMES + FIREWORKS_NAMES
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ class Optimizer(ABC):
     tracking, the generation/evaluation counters and the common part of the state.
     """
 
-    name: str  # registry name: "cma", "cma_diag", "fwa", "efwa", "dynfwa", "bbfwa"
+    name: str  # its name in registry.OPTIMIZERS: "cma", "cma_diag", "fwa", "efwa", ...
 
     def __init__(
         self, name: str, dim: int, popsize: int, sigma: float, seed: int, options: dict
@@ -295,7 +297,7 @@ class Optimizer(ABC):
 class OptimizerConfig:
     """Which optimizer a layer gets, as it appears in a run's configuration."""
 
-    name: str = "cma"  # cma | cma_diag | fwa | efwa | dynfwa | bbfwa (cma = C-LoRA, the paper's)
+    name: str = "cma"  # a name in registry.OPTIMIZERS (cma = C-LoRA, the paper's)
     popsize: int = 20  # candidates per generation (paper: 20)
     sigma: float = 1.0  # initial step size; the Fireworks family derives its amplitudes from it
     seed: int = 0  # each layer's optimizer should get its own (e.g. seed + layer)
@@ -322,27 +324,17 @@ class OptimizerConfig:
 def make_optimizer(
     name: str, dim: int, popsize: int, sigma: float, seed: int, **options: Any
 ) -> Optimizer:
-    """Build an optimizer by registry name.
+    """Build an optimizer by its name in `registry.OPTIMIZERS`.
 
     name: "cma" (full covariance CMA-ES, pycma), "cma_diag" (separable CMA-ES,
     `CMA_diagonal=True`), "fwa" (Tan & Zhu 2010), "efwa" (Zheng, Janecek & Tan 2013),
     "dynfwa" (Zheng, Janecek, Li & Tan 2014; the Fireworks default) or "bbfwa" (Li & Tan 2018).
-    All start from z = 0 (the unmodified model) with initial scale `sigma`. Options per
-    name are documented in `cma_es.CMAES` and `fireworks.Fireworks`; an unknown option
-    key raises UserError naming it.
+    All start from z = 0 (the unmodified model) with initial scale `sigma`. The options
+    each name takes are listed in the registry and documented in `cma_es.CMAES` and
+    `fireworks.Fireworks`; an unknown option key raises UserError naming it.
     """
-    if not isinstance(name, str) or name not in OPTIMIZER_NAMES:
-        hint = did_you_mean(name, OPTIMIZER_NAMES) if isinstance(name, str) else ""
-        raise UserError(
-            f"optimizer.name: unknown optimizer {name!r}{hint} (choices: {', '.join(OPTIMIZER_NAMES)})"
-        )
-    if name in CMA_NAMES:
-        from dfo_lora.optim.cma_es import CMAES
-
-        return CMAES(name, dim, popsize, sigma, seed, **options)
-    from dfo_lora.optim.fireworks import Fireworks
-
-    return Fireworks(name, dim, popsize, sigma, seed, **options)
+    cls = optimizer_entry(name).load()
+    return cls(name, dim, popsize, sigma, seed, **options)
 
 
 def optimizer_from_state(state: dict) -> Optimizer:

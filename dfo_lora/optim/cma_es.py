@@ -76,12 +76,11 @@ import numpy as np
 from dfo_lora.errors import UserError
 from dfo_lora.optim import _blas
 from dfo_lora.optim.base import Optimizer, check_float, check_options
+from dfo_lora.optim.registry import CMA_NAMES, OPTIMIZERS
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # pycma warns at import when matplotlib is missing
     import cma
-
-CMA_OPTIONS = ("bound", "pycma_options")
 
 # pycma options this class sets itself (or that would break determinism/state replay)
 _RESERVED_PYCMA = {
@@ -170,9 +169,9 @@ class CMAES(Optimizer):
     def __init__(
         self, name: str, dim: int, popsize: int, sigma: float, seed: int, **options: Any
     ) -> None:
-        if name not in ("cma", "cma_diag"):
+        if name not in CMA_NAMES:
             raise UserError(f"optimizer.name: {name!r} is not a CMA-ES variant")
-        check_options(name, options, CMA_OPTIONS)
+        check_options(name, options, OPTIMIZERS[name].options)
         super().__init__(name, dim, popsize, sigma, seed, options)
         bound = self.options.get("bound")
         if bound is not None:

@@ -85,24 +85,7 @@ import numpy as np
 
 from dfo_lora.errors import UserError
 from dfo_lora.optim.base import Optimizer, check_float, check_int, check_options
-
-_COMMON = ("init_amplitude", "bound")
-FIREWORKS_OPTIONS: dict[str, tuple[str, ...]] = {
-    "fwa": ("n_fireworks", "n_gaussian", "a", "b", "amplitude", *_COMMON),
-    "efwa": (
-        "n_fireworks",
-        "n_gaussian",
-        "a",
-        "b",
-        "amplitude",
-        "min_amplitude_start",
-        "min_amplitude_end",
-        "max_evals",
-        *_COMMON,
-    ),
-    "dynfwa": ("n_fireworks", "a", "b", "amplitude", "ca", "cr", *_COMMON),
-    "bbfwa": ("ca", "cr", *_COMMON),
-}
+from dfo_lora.optim.registry import FIREWORKS_NAMES, OPTIMIZERS
 
 _EPS = float(np.finfo(np.float64).eps)
 _SQRT3 = math.sqrt(3.0)
@@ -162,9 +145,9 @@ class Fireworks(Optimizer):
     def __init__(
         self, name: str, dim: int, popsize: int, sigma: float, seed: int, **options: Any
     ) -> None:
-        if name not in FIREWORKS_OPTIONS:
+        if name not in FIREWORKS_NAMES:
             raise UserError(f"optimizer.name: {name!r} is not a Fireworks variant")
-        check_options(name, options, FIREWORKS_OPTIONS[name])
+        check_options(name, options, OPTIMIZERS[name].options)
         super().__init__(name, dim, popsize, sigma, seed, options)
         self._resolve_options()
         self._rng = np.random.Generator(np.random.PCG64(self.seed))

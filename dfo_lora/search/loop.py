@@ -25,15 +25,26 @@ info, so the same loop drives an in-process server or Ray actors.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dfo_lora.config import TuneConfig, parse_layers
 from dfo_lora.errors import UserError
 from dfo_lora.optim import make_optimizer, optimizer_from_state
 from dfo_lora.search.callbacks import Callback
+from dfo_lora.search.policy import (
+    evals_per_visit,
+    layer_order,
+    optimizer_index,
+    optimizer_kinds,
+    options_for,
+    parse_layers,
+    rounds_for,
+)
+
+if TYPE_CHECKING:
+    from dfo_lora.config import TuneConfig
 
 CHECKPOINT_VERSION = 1
 
@@ -46,52 +57,6 @@ class Position:
     visit: int = 0  # index into the round's layer order
     generation: int = 0  # within the visit
     evals: int = 0
-
-
-def layer_order(config: TuneConfig, layers: Sequence[int], round_index: int) -> list[int]:
-    """The round's order over the searched layers; `random` is seeded by (seed, round), so
-    resume needs no RNG."""
-    layers = [int(layer) for layer in layers]
-    if config.layer_order == "bottom_up":
-        return layers
-    if config.layer_order == "top_down":
-        return layers[::-1]
-    rng = np.random.default_rng([config.seed, round_index])
-    return [layers[i] for i in rng.permutation(len(layers))]
-
-
-def optimizer_kinds(config: TuneConfig) -> list[str]:
-    """Optimizer names each layer holds (hybrid: both kinds; `fwa` = the chosen variant)."""
-    if config.optimizer == "fwa":
-        return [config.fwa_variant]
-    if config.optimizer != "hybrid":
-        return [config.optimizer]
-    return ["cma", config.fwa_variant]
-
-
-def options_for(config: TuneConfig, kind: str) -> dict:
-    """`optimizer_options` go to the configured optimizer; in a hybrid, to its Fireworks half."""
-    if config.optimizer == "hybrid" and kind.startswith("cma"):
-        return {}
-    return dict(config.optimizer_options)
-
-
-def evals_per_visit(config: TuneConfig) -> int:
-    """Candidates scored in one layer visit (`elitist` adds the layer's current z)."""
-    return config.popsize * config.generations_per_visit + int(config.elitist)
-
-
-def rounds_for(config: TuneConfig, num_layers: int) -> int:
-    per_round = num_layers * evals_per_visit(config)
-    rounds = config.budget // per_round
-    if rounds < 1:
-        extra = " + 1 elitist" if config.elitist else ""
-        raise UserError(
-            f"budget: {config.budget} is smaller than one round ({num_layers} layers x (popsize "
-            f"{config.popsize} x {config.generations_per_visit} generations{extra}) = "
-            f"{per_round} evaluations)"
-        )
-    return rounds
 
 
 def _better(metrics: dict, best: dict | None, metric: str) -> bool:
@@ -170,12 +135,7 @@ class LayerwiseSearch:
         return self.config.seed * 100_003 + layer * 7 + which
 
     def optimizer_for(self, layer: int, round_index: int):
-        per_layer = self.optimizers[self.slot[layer]]
-        if self.config.optimizer != "hybrid":
-            return per_layer[0]
-        if self.config.hybrid_mode == "layer":
-            return per_layer[layer % 2]
-        return per_layer[round_index % 2]
+        return self.optimizers[self.slot[layer]][optimizer_index(self.config, layer, round_index)]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
