@@ -232,7 +232,7 @@ def test_lora_starts_at_the_zero_state_and_trains_through_the_server(tiny_llama_
     assert float(loss.detach()) == pytest.approx(before["train"]["loss"], abs=1e-5)
     assert accuracy == pytest.approx(before["train"]["accuracy"])
     loss_cal, _ = train_loss(server, "ce", calibrate=True)
-    assert float(loss_cal) == pytest.approx(calibrated["loss"], abs=1e-5)
+    assert float(loss_cal.detach()) == pytest.approx(calibrated["loss"], abs=1e-5)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=1e-2)
     loss.backward()
     optimizer.step()
