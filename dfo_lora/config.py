@@ -21,6 +21,7 @@ from dfo_lora.lowrank import LowRankConfig
 from dfo_lora.search import policy
 from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported here
     COMMITS,
+    SELECTIONS,
     FWA_VARIANTS,
     HYBRID_MODES,
     LAYER_ORDERS,
@@ -64,6 +65,17 @@ class TuneConfig:
     intrinsic_dim: int = opt(500, "d: entries of z per layer")
     alpha: float = opt(1.0, "projection std multiplier (BBTv2)")
     sigma: float = opt(1.0, "optimizer's initial step size (also in the projection std)")
+    a_factor: str = opt(
+        "searched",
+        "searched (the paper: z -> A and B) | pca | random: A fixed (top-r principal "
+        "directions of the module input, or random), z -> B only, a delta linear in z",
+    )
+    b_basis: str = opt(
+        "random",
+        "random (the paper) | pca: B's columns lie in the top basis_dim principal directions "
+        "of the projection's output on the train split",
+    )
+    basis_dim: int = opt(32, "b_basis pca: output directions B may use")
     loss: str = opt("ce", "ce | hinge | neg_acc")
     calibrate: bool = opt(
         False, "subtract each state's mean train logits before loss and metric (not the paper's)"
@@ -85,6 +97,14 @@ class TuneConfig:
     generations_per_visit: int = opt(1, "generations at a layer before moving on")
     layer_order: str = opt("bottom_up", "bottom_up | top_down | random (per round)")
     commit: str = opt("best", "best (xbest, the paper) | mean (distribution centre)")
+    select: str = opt(
+        "metric",
+        "state tested at the end: metric (best dev metric, ties by dev loss: BBT's rule) | "
+        "loss (lowest dev loss) | final (the last state, no selection)",
+    )
+    z_penalty: float = opt(
+        0.0, "adds z_penalty * mean(z**2) of a candidate to its train loss (decay on z)"
+    )
     elitist: bool = opt(
         False,
         "also score the layer's current z in each visit and commit only a candidate that beats "
@@ -109,6 +129,9 @@ class TuneConfig:
         _check_choice("hybrid_mode", self.hybrid_mode, HYBRID_MODES)
         _check_choice("layer_order", self.layer_order, LAYER_ORDERS)
         _check_choice("commit", self.commit, COMMITS)
+        _check_choice("select", self.select, SELECTIONS)
+        if not self.z_penalty >= 0:
+            raise UserError(f"z_penalty: must be >= 0, got {self.z_penalty}")
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         _check_choice("backend", self.backend, BACKENDS)
@@ -172,6 +195,9 @@ class TuneConfig:
             alpha=self.alpha,
             sigma=self.sigma,
             seed=self.seed,
+            a_factor=self.a_factor,
+            b_basis=self.b_basis,
+            basis_dim=self.basis_dim,
         )
 
     def server_spec(self) -> ServerSpec:

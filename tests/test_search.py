@@ -305,3 +305,34 @@ def test_no_config_loop_import_cycle():
     for first in ("dfo_lora.search.loop", "dfo_lora.search", "dfo_lora.config"):
         code = f"import {first}; import dfo_lora.config, dfo_lora.search.loop, dfo_lora.search.run"
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0, first
+
+
+def test_select_loss_and_final(tiny_llama_dir, tmp_path):
+    """select=loss keeps the lowest dev loss seen; select=final tests the last state."""
+    by_loss = tune(tiny_config(tiny_llama_dir, select="loss"), tmp_path / "loss", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "loss" / "log.jsonl").read_text().splitlines()]
+    devs = [x["dev"] for x in lines if x["kind"] == "dev"]
+    assert by_loss["tuned"]["dev"]["loss"] == min(d["loss"] for d in devs)
+    final = tune(tiny_config(tiny_llama_dir, select="final"), tmp_path / "final", progress=False)
+    last = np.asarray(load_file(str(tmp_path / "final" / "tuned.safetensors"))["z"])
+    server = build_server(tiny_config(tiny_llama_dir).server_spec())
+    state = load_state(tmp_path / "final" / "checkpoint" / "state.safetensors")
+    assert np.array_equal(last, np.asarray(state["z"]))  # the tested state is the final one
+    server.set_state(last)
+    assert final["tuned"]["test"]["accuracy"] == server.evaluate("test")["accuracy"]
+
+
+def test_z_penalty_steers_towards_small_z(tiny_llama_dir, tmp_path):
+    """A large decay on z makes the committed vectors smaller than without it."""
+    plain = tune(tiny_config(tiny_llama_dir), tmp_path / "plain", progress=False)
+    decayed = tune(tiny_config(tiny_llama_dir, z_penalty=100.0), tmp_path / "decay", progress=False)
+    norms = []
+    for name in ("plain", "decay"):
+        state = load_state(tmp_path / name / "checkpoint" / "state.safetensors")
+        norms.append(float(np.linalg.norm(np.asarray(state["z"]))))
+    assert norms[1] < norms[0]
+    assert plain["evaluations"] == decayed["evaluations"]
+    with pytest.raises(UserError, match="z_penalty"):
+        tiny_config(tiny_llama_dir, z_penalty=-1.0)
+    with pytest.raises(UserError, match="select"):
+        tiny_config(tiny_llama_dir, select="best")

@@ -16,7 +16,14 @@ RTOL = 1e-4
 
 
 def make_server(
-    arch, targets=("q", "k"), options=None, loss="ce", n_train=10, seed=0, a_factor="searched"
+    arch,
+    targets=("q", "k"),
+    options=None,
+    loss="ce",
+    n_train=10,
+    seed=0,
+    a_factor="searched",
+    b_basis="random",
 ):
     backbone = tiny_model(arch, seed)
     splits = {
@@ -24,7 +31,15 @@ def make_server(
         "dev": random_examples(backbone, 7, seed=2),
     }
     space = LowRankConfig(
-        targets=targets, rank=4, intrinsic_dim=40, alpha=3.0, sigma=1.0, seed=3, a_factor=a_factor
+        targets=targets,
+        rank=4,
+        intrinsic_dim=40,
+        alpha=3.0,
+        sigma=1.0,
+        seed=3,
+        a_factor=a_factor,
+        b_basis=b_basis,
+        basis_dim=8,
     )
     server = EvaluationServer(backbone, splits, VERBALIZER, space=space, loss=loss, options=options)
     return server, splits
@@ -54,11 +69,27 @@ def test_score_equals_merged_hf_forward(arch, targets):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("a_factor", ["pca", "random"])
-def test_fixed_a_space_equals_merged_hf_forward(arch, a_factor):
-    server, splits = make_server(arch, ("q", "v", "o"), a_factor=a_factor)
+@pytest.mark.parametrize(("a_factor", "b_basis"), [("pca", "random"), ("random", "pca")])
+def test_data_informed_spaces_equal_merged_hf_forward(arch, a_factor, b_basis):
+    server, splits = make_server(arch, ("q", "v", "o"), a_factor=a_factor, b_basis=b_basis)
     assert server.dim == 40  # all of z goes to the three B chunks
     _check_score_against_reference(server, splits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_basis_keeps_b_in_the_top_output_directions(arch):
+    """b_basis pca: every B column lies in the span of the top basis_dim principal
+    directions of the projection's output (GPT-2: of its own slice of c_attn)."""
+    server, splits = make_server(arch, ("q", "k"), a_factor="searched", b_basis="pca")
+    _check_score_against_reference(server, splits)
+    z = np.random.default_rng(1).normal(size=server.dim)
+    for target, (a, b) in server.space.factors(1, torch.tensor(z)[None], torch.float32).items():
+        cov = server.space.input_moments[1][target].out_cov.double()
+        basis = torch.linalg.eigh(cov)[1][:, -8:]
+        b = b[0].double()
+        inside = basis @ (basis.T @ b)
+        assert torch.allclose(inside, b, atol=1e-5 * float(b.abs().max()))
+        assert cov.shape[0] == b.shape[0]  # the slice's own output covariance
 
 
 def test_pca_a_factor_whitens_the_module_input():

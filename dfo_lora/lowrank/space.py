@@ -35,6 +35,7 @@ from dfo_lora.errors import UserError
 
 DEFAULT_TARGETS = ("q", "k")
 A_FACTORS = ("searched", "pca", "random")
+B_BASES = ("random", "pca")
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,16 @@ class LowRankConfig:
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
     a_factor: str = "searched"  # searched (paper) | pca | random: fixed A, z -> B only
+    b_basis: str = "random"  # random (paper) | pca: B's columns in the output's top directions
+    basis_dim: int = 32  # b_basis pca: how many top output directions B may use
 
     @property
     def searches_a(self) -> bool:
         return self.a_factor == "searched"
+
+    @property
+    def needs_moments(self) -> bool:
+        return not self.searches_a or self.b_basis != "random"
 
     @property
     def num_chunks(self) -> int:
@@ -68,6 +75,10 @@ class LowRankConfig:
             raise UserError("targets: at least one projection is needed (e.g. q,k)")
         if len(set(self.targets)) != len(self.targets):
             raise UserError(f"targets: duplicate entries in {','.join(self.targets)}")
+        if self.b_basis not in B_BASES:
+            raise UserError(f"b_basis: {self.b_basis!r} is not one of {', '.join(B_BASES)}")
+        if self.basis_dim <= 0:
+            raise UserError(f"basis_dim: must be a positive integer, got {self.basis_dim}")
         if self.a_factor not in A_FACTORS:
             raise UserError(f"a_factor: {self.a_factor!r} is not one of {', '.join(A_FACTORS)}")
         if self.intrinsic_dim < self.num_chunks:
@@ -97,10 +108,12 @@ class FactorShape:
 
 @dataclass(frozen=True)
 class InputMoments:
-    """Mean (in,) and covariance (in, in) of one projection's input over real train tokens."""
+    """One projection's statistics over the real train tokens of the zero state: its
+    input's mean (in,) and covariance (in, in), and its output's covariance (out, out)."""
 
     mean: torch.Tensor
     cov: torch.Tensor
+    out_cov: torch.Tensor | None = None
 
 
 class LowRankSpace:
@@ -115,8 +128,8 @@ class LowRankSpace:
         input_moments: list[dict[str, InputMoments]] | None = None,
     ):
         config.validate()
-        if not config.searches_a and input_moments is None:
-            raise UserError(f"a_factor: {config.a_factor} needs the inputs' statistics")
+        if config.needs_moments and input_moments is None:
+            raise UserError("a_factor/b_basis: pca and random need the projections' statistics")
         self.config = config
         self.shapes = shapes
         self.sigma_hat = list(sigma_hat)
@@ -147,10 +160,33 @@ class LowRankSpace:
                 gen = torch.Generator().manual_seed(
                     (self.config.seed * 1_000_003 + layer * 1_009 + index) % (2**63)
                 )
-                mat = torch.randn(numel, width, generator=gen, dtype=torch.float32) * std
+                if self._is_b_chunk(index) and self.config.b_basis == "pca":
+                    mat = self._output_basis_map(layer, index, width, gen, std)
+                else:
+                    mat = torch.randn(numel, width, generator=gen, dtype=torch.float32) * std
                 mats.append(mat.to(self.device))
             self._maps[layer] = mats
         return self._maps[layer]
+
+    def _is_b_chunk(self, index: int) -> bool:
+        return not self.config.searches_a or index % 2 == 1
+
+    def _target_of_chunk(self, index: int) -> FactorShape:
+        return self.shapes[index if not self.config.searches_a else index // 2]
+
+    def _output_basis_map(
+        self, layer: int, index: int, width: int, gen: torch.Generator, std: float
+    ) -> torch.Tensor:
+        """(out*r, width) map whose B = U @ C: U the top `basis_dim` principal directions of
+        the projection's output (orthonormal), C (m, r) a random map of the chunk, scaled by
+        sqrt(out/m) so that B has the size it would have with a random map."""
+        shape, r = self._target_of_chunk(index), self.config.rank
+        cov = self.input_moments[layer][shape.target].out_cov.double().cpu()
+        m = min(self.config.basis_dim, shape.out_features)
+        basis = torch.linalg.eigh(cov)[1][:, -m:].flip(1).float()  # (out, m), top first
+        small = torch.randn(m * r, width, generator=gen) * (std * (shape.out_features / m) ** 0.5)
+        # B (out, r) = basis @ C, C (m, r) = small @ z viewed (m, r): row-major B index o*r+j.
+        return torch.einsum("om,mjw->ojw", basis, small.view(m, r, width)).reshape(-1, width)
 
     def _factor_sizes(self) -> list[tuple[int, int]]:
         r = self.config.rank

@@ -59,9 +59,12 @@ class Position:
     evals: int = 0
 
 
-def _better(metrics: dict, best: dict | None, metric: str) -> bool:
-    if best is None:
+def _better(metrics: dict, best: dict | None, metric: str, select: str = "metric") -> bool:
+    """Whether a dev result replaces the kept one (`select`: see TuneConfig)."""
+    if best is None or select == "final":
         return True
+    if select == "loss":
+        return metrics["loss"] < best["loss"]
     if metrics[metric] != best[metric]:
         return metrics[metric] > best[metric]
     return metrics["loss"] < best["loss"]
@@ -190,7 +193,7 @@ class LayerwiseSearch:
         if evals < self.next_dev:
             return
         dev = dev or self.server.evaluate("dev")
-        if _better(dev, self.best_dev, self.metric):
+        if _better(dev, self.best_dev, self.metric, self.config.select):
             self.best_dev, self.best_dev_z, self.best_dev_evals = (
                 dev,
                 self.server.get_state(),
@@ -228,7 +231,11 @@ class LayerwiseSearch:
                     if len(batch) > len(candidates):
                         self.visit["current_loss"] = float(losses[-1])
                     losses = losses[: len(candidates)]
-                    opt.tell(candidates, losses)
+                    if config.z_penalty:  # decay on z: told to the optimizer, not logged
+                        penalty = config.z_penalty * np.mean(np.square(candidates), axis=1)
+                        opt.tell(candidates, losses + penalty)
+                    else:
+                        opt.tell(candidates, losses)
                     self._track_visit_best(candidates, losses)
                     pos.evals += len(batch)
                     pos.generation += 1
@@ -289,6 +296,9 @@ class LayerwiseSearch:
 
     def _finish(self) -> dict:
         final_z = self.server.get_state()
+        if self.config.select == "final" and not np.array_equal(final_z, self.best_dev_z):
+            self.best_dev, self.best_dev_z = self.server.evaluate("dev"), final_z
+            self.best_dev_evals = self.position.evals
         self.server.set_state(self.best_dev_z)
         test = self.server.evaluate("test")
         self.server.set_state(final_z)

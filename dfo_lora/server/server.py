@@ -115,7 +115,7 @@ class EvaluationServer:
         self._cache[0] = self._embed("train")
         self._valid_upto = 0
         sigma_hat = self._sigma_hat()
-        moments = None if space.searches_a else self._input_moments(space.targets)
+        moments = self._input_moments(space.targets) if space.needs_moments else None
         self.space = LowRankSpace(space, shapes, sigma_hat, backbone.device, moments)
 
     # ------------------------------------------------------------------ facts
@@ -180,23 +180,24 @@ class EvaluationServer:
 
     @torch.inference_mode()
     def _input_moments(self, targets: tuple[str, ...]) -> list[dict[str, InputMoments]]:
-        """Mean and covariance of each adapted projection's input over the real train
-        tokens of the zero state (fp64 sums), for spaces whose A factor is fixed."""
+        """Each adapted projection's input mean and covariance and output covariance over
+        the real train tokens of the zero state (fp64 sums), for data-informed spaces."""
         masks = [b.attention_mask.bool() for b in self.buckets["train"]]
         moments = []
         for j in range(self.num_layers):
-            sums: dict[int, list] = {}
+            sums: dict = {}
             current = {}
 
-            def record(module, args, sums=sums, current=current):
-                x = args[0][current["mask"]].double()  # (real tokens, in)
-                acc = sums.setdefault(id(module), [0, 0.0, 0.0])
-                acc[0] += x.shape[0]
-                acc[1] = acc[1] + x.sum(0)
-                acc[2] = acc[2] + x.T @ x
+            def record(module, args, output, sums=sums, current=current):
+                for key, x in (("in", args[0]), ("out", output)):
+                    x = x[current["mask"]].double()  # (real tokens, features)
+                    acc = sums.setdefault((id(module), key), [0, 0.0, 0.0])
+                    acc[0] += x.shape[0]
+                    acc[1] = acc[1] + x.sum(0)
+                    acc[2] = acc[2] + x.T @ x
 
             modules = {id(w): w for w in self.adapted[j].values()}
-            hooks = [m.register_forward_pre_hook(record) for m in modules.values()]
+            hooks = [m.register_forward_hook(record) for m in modules.values()]
             try:
                 for h, bucket, mask in zip(self._cache[j], self.buckets["train"], masks):
                     current["mask"] = mask
@@ -206,9 +207,13 @@ class EvaluationServer:
                     hook.remove()
             per_target = {}
             for target in targets:
-                count, total, outer = sums[id(self.adapted[j][target])]
-                mean = total / count
-                per_target[target] = InputMoments(mean, outer / count - torch.outer(mean, mean))
+                wrapper = self.adapted[j][target]
+                mean, cov = _mean_cov(*sums[(id(wrapper), "in")])
+                out_cov = _mean_cov(*sums[(id(wrapper), "out")])[1]
+                if wrapper.out_slices[target] is not None:  # a fused module's own columns
+                    start, stop = wrapper.out_slices[target]
+                    out_cov = out_cov[start:stop, start:stop]
+                per_target[target] = InputMoments(mean, cov, out_cov)
             moments.append(per_target)
         return moments
 
@@ -350,6 +355,11 @@ class EvaluationServer:
         metrics = compute_metric(self.metric, logits.argmax(-1).numpy(), out["labels"])
         loss = _worst_if_nan(per_example_loss(self.loss_name, logits, labels)).mean()
         return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss), **extra}
+
+
+def _mean_cov(count: int, total: torch.Tensor, outer: torch.Tensor):
+    mean = total / count
+    return mean, outer / count - torch.outer(mean, mean)
 
 
 WORST_LOSS = 1e4  # a NaN/inf loss counts as this (worse than any real CE/hinge value)
