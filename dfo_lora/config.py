@@ -21,10 +21,10 @@ from dfo_lora.lowrank import LowRankConfig
 from dfo_lora.search import policy
 from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported here
     COMMITS,
-    SELECTIONS,
     FWA_VARIANTS,
     HYBRID_MODES,
     LAYER_ORDERS,
+    SELECTIONS,
     parse_layers,
 )
 from dfo_lora.server import LOSSES, ServerOptions

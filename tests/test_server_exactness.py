@@ -83,7 +83,7 @@ def test_output_basis_keeps_b_in_the_top_output_directions(arch):
     server, splits = make_server(arch, ("q", "k"), a_factor="searched", b_basis="pca")
     _check_score_against_reference(server, splits)
     z = np.random.default_rng(1).normal(size=server.dim)
-    for target, (a, b) in server.space.factors(1, torch.tensor(z)[None], torch.float32).items():
+    for target, (_a, b) in server.space.factors(1, torch.tensor(z)[None], torch.float32).items():
         cov = server.space.input_moments[1][target].out_cov.double()
         basis = torch.linalg.eigh(cov)[1][:, -8:]
         b = b[0].double()

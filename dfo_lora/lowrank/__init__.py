@@ -7,8 +7,8 @@ from dfo_lora.lowrank.layer import (
     projection_shape,
 )
 from dfo_lora.lowrank.space import (
-    DEFAULT_TARGETS,
     A_FACTORS,
+    DEFAULT_TARGETS,
     FactorShape,
     InputMoments,
     LowRankConfig,

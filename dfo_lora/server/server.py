@@ -199,7 +199,9 @@ class EvaluationServer:
             modules = {id(w): w for w in self.adapted[j].values()}
             hooks = [m.register_forward_hook(record) for m in modules.values()]
             try:
-                for h, bucket, mask in zip(self._cache[j], self.buckets["train"], masks):
+                for h, bucket, mask in zip(
+                    self._cache[j], self.buckets["train"], masks, strict=True
+                ):
                     current["mask"] = mask
                     self.arch.run_layer(self.layers[j], h, self._stack_inputs[id(bucket)])
             finally:
