@@ -1,4 +1,4 @@
-"""`dfo-lora tune | eval | tasks | bench | sweep | baseline`.
+"""`dfo-lora tune | eval | tasks | bench | sweep | baseline | plot`.
 
 Every `tune` option is a TuneConfig field (see `dfo-lora tune --help`); `--config FILE`
 loads YAML first and options given on the command line override it. Bad input prints
@@ -148,6 +148,10 @@ def build_parser() -> ArgumentParser:
     sweep.add_argument("--out", metavar="DIR", help="override the file's output folder")
     sweep.add_argument("--concurrency", type=int, help="runs at a time (0: as the cluster fits)")
 
+    plot = sub.add_parser("plot", help="train loss and dev metric against evaluations (PNG)")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders (their log.jsonl)")
+    plot.add_argument("--out", metavar="FILE.png", default="plot.png", help="(default: plot.png)")
+
     tasks = sub.add_parser("tasks", help="list tasks with templates, verbalizers and data source")
     tasks.add_argument("--json", action="store_true", help="one JSON object per task")
 
@@ -248,6 +252,13 @@ def cmd_sweep(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_plot(args) -> int:
+    from dfo_lora.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from dfo_lora.tasks import list_tasks
 
@@ -304,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": cmd_tasks,
         "bench": cmd_bench,
         "sweep": cmd_sweep,
+        "plot": cmd_plot,
         "baseline": cmd_baseline,
     }
     try:
