@@ -47,7 +47,32 @@ def versions() -> dict:
         "cma": cma.__version__,
         "numpy": np.__version__,
         "machine": platform.machine(),
+        **hardware(),
     }
+
+
+# CPU flags that decide speed and numerics here: bf16 is native (and `--dtype auto` picks
+# it) with AMX or avx512_bf16; without them fp32 on AVX2/AVX-512 (DESIGN.md §4).
+CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def hardware() -> dict:
+    """The machine a result came from: CPU model and flags, GPU (experiments/quality)."""
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "gpu": gpu}
 
 
 def prepare_out_dir(out: Path, config: TuneConfig, resume: bool, overwrite: bool) -> TuneConfig:

@@ -1,0 +1,368 @@
+"""The quality benchmark's reader (experiments/quality/summarize.py) and its paper sweep."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "quality" / "summarize.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+AMX = {"cpu": "Test CPU", "cpu_flags": ["amx_bf16", "avx512_bf16", "avx512f", "avx2"]}
+
+
+def load_summarizer():
+    spec = importlib.util.spec_from_file_location("quality_summarize", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+summarizer = load_summarizer()
+
+
+def run_script(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def fake_run(
+    folder: Path,
+    *,
+    task: str,
+    seed: int,
+    test: float,
+    optimizer: str = "cma",
+    method: str | None = None,
+    calibrated: float = 0.5,
+    machine: dict = AMX,
+    dtype: str = "bfloat16",
+    **config,
+) -> Path:
+    """A finished run folder as tune (method None) or a baseline writes it."""
+    folder.mkdir(parents=True)
+    values = {"model": "smollm2-135m", "task": task, "seed": seed, "k": 16}
+    values.update({"optimizer": optimizer, "fwa_variant": "dynfwa", **config})
+    (folder / "config.yaml").write_text(yaml.safe_dump(values))
+    results = {
+        "metric": "accuracy",
+        "tuned": {"dev": {"accuracy": test + 0.1}, "test": {"accuracy": test}},
+        "zero_shot": {"dev": {"accuracy": 0.4}, "test": {"accuracy": 0.45}},
+        "calibrated_zero_shot": {"dev": {"accuracy": 0.5}, "test": {"accuracy": calibrated}},
+        "evaluations": 600,
+        "wall_time_s": 100.0 + seed,
+        "peak_mem_bytes": 2_000_000_000,
+        "versions": {"machine": "x86_64", "gpu": None, **machine},
+        "server": {"device": "cpu", "dtype": dtype},
+    }
+    if method:
+        results["method"] = method
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+TESTS = {  # (method, task) -> test accuracy of seeds 13 and 42
+    ("cma", "sst2"): (0.70, 0.80),
+    ("cma", "rte"): (0.50, 0.60),
+    ("gradient-lora", "sst2"): (0.85, 0.85),
+    ("gradient-lora", "rte"): (0.60, 0.70),
+    ("calibrated", "sst2"): (0.74, 0.74),
+}
+
+
+@pytest.fixture()
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "sweep"
+    records = []
+    for (method, task), values in TESTS.items():
+        for seed, test in zip((13, 42), values, strict=True):
+            name = f"task={task}__seed={seed}__method={method}"
+            baseline = None if method == "cma" else method
+            fake_run(root / name, task=task, seed=seed, test=test, method=baseline)
+            params = {"task": task, "seed": seed, "method": method}
+            records.append({"run": name, "dir": name, "params": params, "status": "done"})
+    records.append({"run": "x", "dir": "x", "params": {}, "status": "failed", "error": "boom"})
+    (root / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def outputs(tmp_path) -> list:
+    return [tmp_path / "q" / "results.jsonl", tmp_path / "q" / "table.md", tmp_path / "q" / "p.png"]
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """First table of the first section: method -> its cells."""
+    rows = {}
+    for line in markdown.split("\n\n")[2].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_table_numbers_rows_and_plot_from_a_sweep(sweep, tmp_path):
+    results, table, plot = outputs(tmp_path)
+    done = run_script(sweep, "--results", results, "--table", table, "--plot", plot)
+    assert done.returncode == 0, done.stderr
+    assert "x failed: boom" in done.stderr  # a failed run is reported, not tabulated
+    text = table.read_text()
+    assert text in done.stdout
+    assert "### smollm2-135m, k = 16; machine: CPU amx_bf16+avx512_bf16+avx512f+avx2, bf" in text
+    rows = table_rows(text)
+    assert list(rows) == ["calibrated", "cma", "gradient-lora"]  # baselines first, ceiling last
+    assert rows["cma"] == ["75.0 ± 5.0 (2)", "55.0 ± 5.0 (2)", "65.0"]
+    assert rows["gradient-lora"] == ["85.0 ± 0.0 (2)", "65.0 ± 5.0 (2)", "75.0"]
+    assert rows["calibrated"] == ["74.0 ± 0.0 (2)", "—", "—"]  # no average without every task
+    gain = text.split("Test minus the calibrated zero state")[1]
+    assert "| cma | 25.0 ± 5.0 (2) | 5.0 ± 5.0 (2) | 15.0 |" in gain
+    assert "| gradient-lora | 4 | 128 | 2.00 |" in text  # runs, mean wall time, peak GB
+
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert len(lines) == 10
+    row = next(r for r in lines if (r["method"], r["task"], r["seed"]) == ("cma", "rte", 42))
+    assert row["test"] == 0.60 and row["dev"] == pytest.approx(0.70)
+    assert row["calibrated_test"] == 0.5 and row["zero_shot_test"] == 0.45
+    assert row["cpu_flags"] == AMX["cpu_flags"] and row["dtype"] == "bfloat16"
+    assert row["wall_time_s"] == 142.0 and row["peak_mem_bytes"] == 2_000_000_000
+    assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 1000
+
+    before = results.read_bytes()  # summarizing again changes nothing
+    assert run_script(sweep, "--results", results, "--table", table, "--plot", plot).returncode == 0
+    assert results.read_bytes() == before
+
+
+def test_rows_merge_and_other_machines_get_their_own_table(sweep, tmp_path):
+    results, table, plot = outputs(tmp_path)
+    summarizer.summarize([sweep], results, table, plot)
+    other = tmp_path / "avx2"
+    fake_run(
+        other / "r1",
+        task="sst2",
+        seed=13,
+        test=0.61,
+        machine={"cpu_flags": ["avx2"]},
+        dtype="float32",
+    )
+    fake_run(
+        other / "r2",
+        task="sst2",
+        seed=42,
+        test=0.63,
+        machine={"cpu_flags": ["avx2"]},
+        dtype="float32",
+    )
+    out = summarizer.summarize([other], results, table, plot)
+    assert out["rows"] == 12 and out["new"] == 2
+    sections = table.read_text().split("### ")[1:]
+    assert len(sections) == 2
+    amx = next(s for s in sections if "amx_bf16" in s)
+    avx2 = next(s for s in sections if "machine: CPU avx2, float32" in s)
+    assert "| cma | 62.0 ± 1.0 (2) | 62.0 |" in avx2 and "62.0" not in amx
+    assert "75.0 ± 5.0 (2)" in amx and "75.0" not in avx2
+    assert len(out["plots"]) == 2 and all(
+        p.read_bytes().startswith(PNG_SIGNATURE) for p in out["plots"]
+    )
+    assert [p.name for p in out["plots"]] != ["p.png", "p.png"]
+    only = summarizer.summarize([], results, table, plot, machine="avx2, float32")
+    assert only["markdown"].count("### ") == 1 and "62.0" in only["markdown"]
+
+    # a later run of the same (machine, model, k, task, method, seed) replaces its row
+    again = tmp_path / "again"
+    fake_run(
+        again / "r1",
+        task="sst2",
+        seed=13,
+        test=0.65,
+        machine={"cpu_flags": ["avx2"]},
+        dtype="float32",
+    )
+    out = summarizer.summarize([again], results, table, plot)
+    assert out["rows"] == 12
+    assert "| cma | 64.0 ± 1.0 (2) | 64.0 |" in table.read_text()
+
+
+def test_method_name_rule(tmp_path):
+    def method(folder, label=None, grid=None, **kw):
+        return summarizer.read_run(fake_run(tmp_path / folder, **kw), label, grid)["method"]
+
+    common = dict(task="sst2", seed=13, test=0.7)
+    assert method("a", **common) == "cma"
+    assert method("b", optimizer="fwa", **common) == "fwa"
+    assert method("c", optimizer="fwa", fwa_variant="bbfwa", **common) == "fwa(bbfwa)"
+    assert method("d", label="rec", **common) == "cma/rec"
+    assert method("e", label="rec", method="gradient-lora", **common) == "gradient-lora"
+    grid = {"task": "sst2", "seed": 13, "method": "cma", "alpha": 0.02, "targets": ["q", "v"]}
+    assert method("f", grid=grid, **common) == "cma/alpha=0.02,targets=q+v"
+    assert method("g", label="rec", grid=grid, **common) == "cma/rec"
+    folder = fake_run(tmp_path / "i", **common)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config, "label": "mine"}))
+    assert summarizer.read_run(folder, "rec")["method"] == "cma/mine"  # explicit label wins
+
+
+def test_bad_input_is_one_line_exit_2(sweep, tmp_path):
+    results, table, plot = outputs(tmp_path)
+    args = ["--results", results, "--table", table, "--plot", plot]
+
+    def error(*extra) -> str:
+        done = run_script(*extra, *args)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+        return lines[0]
+
+    assert "no such folder" in error(tmp_path / "missing")
+    results.parent.mkdir()
+    results.write_text('{"method": "cma"}\nnot json\n')
+    assert f"{results} line 1: not a results row" in error(sweep)
+    results.unlink()
+    broken = tmp_path / "broken"
+    (broken / "r").mkdir(parents=True)
+    (broken / "r" / "results.json").write_text("{")
+    assert "results.json: cannot read" in error(broken)
+    assert not results.exists()  # nothing written for bad input
+
+
+@pytest.fixture(scope="module")
+def real_run(tiny_llama_dir, tmp_path_factory):
+    """One tiny-model run through the `dfo-lora tune` command."""
+    out = tmp_path_factory.mktemp("real") / "sst2-cma"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dfo_lora.cli",
+            "tune",
+            "--model",
+            str(tiny_llama_dir),
+            "--task",
+            "sst2",
+            "--test-limit",
+            "20",
+            "--popsize",
+            "6",
+            "--budget",
+            "18",
+            "--intrinsic-dim",
+            "60",
+            "--dtype",
+            "fp32",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_a_real_tune_run_records_its_machine(real_run, tmp_path):
+    results, table, plot = outputs(tmp_path)
+    out = summarizer.summarize([real_run.parent], results, table, plot)
+    (row,) = [json.loads(x) for x in results.read_text().splitlines()]
+    saved = json.loads((real_run / "results.json").read_text())
+    assert row["method"] == "cma" and row["task"] == "sst2" and row["seed"] == 42
+    assert row["test"] == saved["tuned"]["test"]["accuracy"]
+    assert row["calibrated_test"] == saved["calibrated_zero_shot"]["test"]["accuracy"]
+    assert row["dtype"] == "float32" and row["device"] == "cpu"
+    cpuinfo = Path("/proc/cpuinfo").read_text().split()
+    assert row["cpu_flags"] == [
+        f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in cpuinfo
+    ]
+    assert f"| cma | {100 * row['test']:.1f} (1) | {100 * row['test']:.1f} |" in out["markdown"]
+
+
+def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tmp_path):
+    """paper.yaml's layout (its methods and config), shrunk: a tiny model, 2 tasks, 2 seeds,
+    short budgets, local backend; the same summarizer reads it."""
+    from dfo_lora.distributed.sweep import load_sweep, run_sweep
+
+    paper = yaml.safe_load((ROOT / "experiments" / "quality" / "paper.yaml").read_text())
+    assert paper["grid"]["task"] == [
+        "sst2",
+        "yelp_polarity",
+        "agnews",
+        "dbpedia",
+        "mrpc",
+        "snli",
+        "rte",
+    ]
+    assert paper["grid"]["seed"] == [13, 21, 42, 87, 100]
+    assert paper["grid"]["model"] == ["roberta-large"] and paper["config"]["budget"] == 8000
+    assert paper["config"]["backend"] == "ray"
+    methods = paper["grid"]["method"]
+    assert set(methods) == {
+        "cma",
+        "fwa",
+        "zero-shot",
+        "calibrated",
+        "icl",
+        "gradient-lora",
+        "mezo-lora",
+    }
+    assert len(load_sweep(ROOT / "experiments" / "quality" / "paper.yaml").runs) == 7 * 5 * 7
+
+    tiny = dict(paper)
+    tiny["out"] = str(tmp_path / "sweep")
+    tiny["grid"] = {
+        **paper["grid"],
+        "model": [str(tiny_llama_dir)],
+        "task": ["sst2", "rte"],
+        "seed": [13, 42],
+    }
+    tiny["config"] = {
+        **paper["config"],
+        **dict(budget=18, popsize=6, intrinsic_dim=60, eval_every=6, test_limit=16),
+        **dict(dtype="fp32", backend="local", gpus_per_server=0),
+        "baseline": {
+            "icl": {"demos_per_class": 1},
+            "gradient-lora": {"steps": 2, "eval_every": 1},
+            "mezo-lora": {"steps": 2, "eval_every": 1},
+        },
+    }
+    sweep_file = tmp_path / "tiny.yaml"
+    sweep_file.write_text(yaml.safe_dump(tiny, sort_keys=False))  # grid order = folder names
+    done = run_sweep(sweep_file, echo=lambda *_: None)
+    assert done["failed"] == 0 and done["done"] == 2 * 2 * 7
+
+    results, table, plot = outputs(tmp_path)
+    out = summarizer.summarize([tmp_path / "sweep"], results, table, plot)
+    assert out["new"] == 28 and not out["notes"]
+    rows = table_rows(out["markdown"])
+    assert list(rows) == [
+        "zero-shot",
+        "calibrated",
+        "icl",
+        "cma",
+        "fwa",
+        "mezo-lora",
+        "gradient-lora",
+    ]
+    for method, cells in rows.items():  # every cell recomputed from the runs' results.json
+        means = []
+        for task, cell in zip(["sst2", "rte"], cells, strict=False):
+            tests = []
+            for seed in (13, 42):
+                run = (
+                    tmp_path
+                    / "sweep"
+                    / f"model=tiny-llama*__task={task}__seed={seed}__method={method}"
+                )
+                (folder,) = run.parent.glob(run.name)
+                tests.append(
+                    100
+                    * json.loads((folder / "results.json").read_text())["tuned"]["test"]["accuracy"]
+                )
+            assert cell == f"{np.mean(tests):.1f} ± {np.std(tests):.1f} (2)", (method, task)
+            means.append(np.mean(tests))
+        assert cells[2] == f"{np.mean(means):.1f}"
+    assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 1000
