@@ -1,0 +1,57 @@
+"""Diagnose overfitting: a search whose every dev check also scores test (a fixed subset).
+
+    python experiments/trajectory.py OUT.jsonl --task sst2 --seed 42 [any `tune` option ...]
+
+Writes one JSON line per dev check: evaluations, train loss of the committed state (the
+last generation's best), dev and test metric and loss. Test is read here only to study
+the search (how far dev selection is from the best test state along the path); a real
+run never looks at test before its end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dfo_lora.cli import build_parser
+from dfo_lora.config import FIELD_TYPES, load_config
+from dfo_lora.search.callbacks import Callback
+from dfo_lora.search.loop import LayerwiseSearch
+from dfo_lora.server.factory import build_server
+
+
+class TestTrace(Callback):
+    def __init__(self, server, path: Path):
+        self.server, self.path, self.train = server, path, None
+        path.write_text("")
+
+    def on_generation(self, record: dict) -> None:
+        self.train = record["best_loss"]
+
+    def on_dev(self, record: dict) -> None:
+        test = self.server.evaluate("test")
+        row = {"evals": record["evals"], "train": self.train, "dev": record["dev"], "test": test}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(
+            f"{record['evals']:5d} train {self.train or 0:.3f} dev {record['dev']['accuracy']:.3f}"
+            f"/{record['dev']['loss']:.3f} test {test['accuracy']:.3f}/{test['loss']:.3f}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    args = build_parser().parse_args(["tune", *sys.argv[2:]])
+    overrides = {k: getattr(args, k) for k in FIELD_TYPES if getattr(args, k, None) is not None}
+    config = load_config(args.config, overrides)
+    server = build_server(config.server_spec())
+    metric = server.info()["metric"]
+    search = LayerwiseSearch(server, config, metric, callbacks=[TestTrace(server, out)])
+    results = search.run()
+    print(json.dumps({"tuned": results["tuned"], "zero_shot": results["zero_shot"]}))
+
+
+if __name__ == "__main__":
+    main()
