@@ -26,7 +26,7 @@ test: setup
 
 demo: setup
 	$(BIN)/dfo-lora tune --model smollm2-135m --task mr --k 16 --seed 42 \
-	  --config experiments/configs/demo.yaml --out runs/demo --overwrite
+	  --config experiments/configs/recommended.yaml --test-limit 1000 --out runs/demo --overwrite
 
 bench: setup
 	$(BIN)/dfo-lora bench --model smollm2-135m --task sst2

@@ -25,3 +25,43 @@ def test_notebook_code_cells_compile():
     assert code
     for i, cell in enumerate(code):
         compile("".join(cell["source"]), f"quickstart.ipynb cell {i}", "exec")
+
+
+def test_quality_sweep_runs_the_recommended_search():
+    """experiments/quality/quality.yaml repeats recommended.yaml's values (a sweep file
+    cannot include another file); they must not drift apart."""
+    import yaml
+
+    recommended = yaml.safe_load((ROOT / "experiments/configs/recommended.yaml").read_text())
+    sweep = yaml.safe_load((ROOT / "experiments/quality/quality.yaml").read_text())
+    assert {k: sweep["config"][k] for k in recommended} == recommended
+    assert "recommended.yaml" in (ROOT / "Makefile").read_text()  # make demo uses it
+
+
+def test_quickstart_notebook_runs_end_to_end(monkeypatch, tmp_path):
+    """Every code cell of the notebook, in order, on the real SmolLM2 with a short budget
+    (as Jupyter would: started in notebooks/); it prints the three numbers and draws the
+    training curve."""
+    import contextlib
+    import io
+
+    notebook = json.loads((ROOT / "notebooks" / "quickstart.ipynb").read_text())
+    work = tmp_path / "notebooks"
+    work.mkdir()
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("QUICKSTART_BUDGET", "60")  # one round: 30 layers x popsize 2
+    monkeypatch.setenv("QUICKSTART_POPSIZE", "2")
+    monkeypatch.setenv("QUICKSTART_TEST_LIMIT", "40")
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for cell in notebook["cells"]:
+            if cell["cell_type"] == "code":
+                exec(compile("".join(cell["source"]), "quickstart.ipynb", "exec"), namespace)
+    printed = out.getvalue()
+    for name in ("plain prompt", "calibrated zero state", "tuned (best dev)"):
+        assert name in printed
+    assert namespace["results"]["evaluations"] == 60
+    png = work / "runs" / "notebook-mr" / "curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
