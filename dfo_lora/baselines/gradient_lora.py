@@ -22,7 +22,7 @@ import time
 import torch
 
 from dfo_lora.baselines.common import DevSelection, ProgressBar, train_loss
-from dfo_lora.baselines.lora import add_lora, lora_parameter_count, restore, save_lora, snapshot
+from dfo_lora.baselines.lora import add_lora, finish_lora_run, snapshot
 from dfo_lora.baselines.registry import Option
 
 HELP = "LoRA trained with gradients (peft, AdamW, full batch, dev-selected): the ceiling"
@@ -83,19 +83,4 @@ def run(ctx) -> dict:
         if step % o["eval_every"] == 0 or step == o["steps"]:
             dev_check(step)
     bar.close()
-    restore(params, select.state)
-    test = ctx.evaluate("test", o["calibrate"])
-    save_lora(
-        ctx.open_out() / "lora.safetensors",
-        params,
-        {"method": ctx.method, "step": select.best_step, **o},
-    )
-    return ctx.finish(
-        {"dev": select.best, "test": test},
-        evaluations=o["steps"],
-        best_dev_evals=select.best_evals,
-        steps=o["steps"],
-        best_dev_step=select.best_step,
-        train_loss={"first": losses[0], "last": losses[-1], "min": min(losses)},
-        lora_parameters=lora_parameter_count(params),
-    )
+    return finish_lora_run(ctx, params, select, o, losses, evaluations=o["steps"])

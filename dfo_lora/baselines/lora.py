@@ -114,3 +114,24 @@ def save_lora(path, params: list[tuple[str, nn.Parameter]], meta: dict) -> None:
 
 def lora_parameter_count(params) -> int:
     return int(sum(p.numel() for _, p in params))
+
+
+def finish_lora_run(ctx, params, select, options: dict, losses: list[float], **extra) -> dict:
+    """The end shared by the LoRA baselines: restore the dev-selected weights, score test
+    once, save the weights, and write results.json with the run's figures."""
+    restore(params, select.state)
+    test = ctx.evaluate("test", options["calibrate"])
+    save_lora(
+        ctx.open_out() / "lora.safetensors",
+        params,
+        {"method": ctx.method, "step": select.best_step, **options},
+    )
+    return ctx.finish(
+        {"dev": select.best, "test": test},
+        best_dev_evals=select.best_evals,
+        steps=options["steps"],
+        best_dev_step=select.best_step,
+        train_loss={"first": losses[0], "last": losses[-1], "min": min(losses)},
+        lora_parameters=lora_parameter_count(params),
+        **extra,
+    )

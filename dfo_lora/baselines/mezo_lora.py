@@ -33,7 +33,7 @@ import torch
 
 from dfo_lora.baselines.common import DevSelection, ProgressBar, train_loss
 from dfo_lora.baselines.gradient_lora import LORA_OPTIONS
-from dfo_lora.baselines.lora import add_lora, lora_parameter_count, restore, save_lora, snapshot
+from dfo_lora.baselines.lora import add_lora, finish_lora_run, snapshot
 from dfo_lora.baselines.registry import Option
 from dfo_lora.server.losses import LOSSES
 
@@ -122,20 +122,6 @@ def run(ctx) -> dict:
         if step % o["eval_every"] == 0 or step == o["steps"]:
             dev_check(step)
     bar.close()
-    restore(params, select.state)
-    test = ctx.evaluate("test", o["calibrate"])
-    save_lora(
-        ctx.open_out() / "lora.safetensors",
-        params,
-        {"method": ctx.method, "step": select.best_step, **o},
-    )
-    return ctx.finish(
-        {"dev": select.best, "test": test},
-        evaluations=2 * o["steps"],
-        best_dev_evals=select.best_evals,
-        steps=o["steps"],
-        best_dev_step=select.best_step,
-        skipped_steps=skipped,
-        train_loss={"first": losses[0], "last": losses[-1], "min": min(losses)},
-        lora_parameters=lora_parameter_count(params),
+    return finish_lora_run(
+        ctx, params, select, o, losses, evaluations=2 * o["steps"], skipped_steps=skipped
     )
