@@ -208,21 +208,26 @@ def cmd_tune(args) -> int:
 
 
 def summary(results: dict, out: Path) -> str:
+    """Plain prompt, calibrated zero state and tuned state: the floor and what tuning added."""
     metric = results["metric"]
     zs, tuned = results["zero_shot"], results["tuned"]
-    prompt = ""
-    if f"uncalibrated_{metric}" in zs["test"]:  # --calibrate: show the plain prompt too
-        prompt = (
-            f"zero-shot, uncalibrated prompt: dev {metric} {zs['dev'][f'uncalibrated_{metric}']:.4f}"
-            f"  test {metric} {zs['test'][f'uncalibrated_{metric}']:.4f}\n"
+    calibrated = f"uncalibrated_{metric}" in zs["test"]  # --calibrate: zs is the calibrated state
+    lines = []
+    if calibrated:
+        lines.append(
+            f"plain prompt         : dev {metric} {zs['dev'][f'uncalibrated_{metric}']:.4f}"
+            f"  test {metric} {zs['test'][f'uncalibrated_{metric}']:.4f}"
         )
-    return (
-        prompt
-        + f"zero-shot: dev {metric} {zs['dev'][metric]:.4f}  test {metric} {zs['test'][metric]:.4f}\n"
-        f"tuned    : dev {metric} {tuned['dev'][metric]:.4f}  test {metric} {tuned['test'][metric]:.4f}"
-        f"  (best dev after {results['best_dev_evals']} of {results['evaluations']} evaluations, "
-        f"{results['wall_time_s']:.0f} s)\nresults in {out}/results.json"
+    name = "calibrated zero state" if calibrated else "zero-shot (z = 0)    "
+    lines.append(
+        f"{name}: dev {metric} {zs['dev'][metric]:.4f}  test {metric} {zs['test'][metric]:.4f}"
     )
+    lines.append(
+        f"tuned                : dev {metric} {tuned['dev'][metric]:.4f}  test {metric} "
+        f"{tuned['test'][metric]:.4f}  (best dev after {results['best_dev_evals']} of "
+        f"{results['evaluations']} evaluations, {results['wall_time_s']:.0f} s)"
+    )
+    return "\n".join(lines) + f"\nresults in {out}/results.json"
 
 
 def cmd_eval(args) -> int:

@@ -173,9 +173,12 @@ def test_calibrated_run_reports_the_plain_prompt_too(tmp_path, base_args):
     assert done.returncode == 0, done.stderr
     zero = json.loads((out / "results.json").read_text())["zero_shot"]["test"]
     assert 0 <= zero["uncalibrated_accuracy"] <= 1
-    prompt_line = done.stdout.splitlines()[0]
-    assert prompt_line.startswith("zero-shot, uncalibrated prompt:")
+    prompt_line, calibrated_line, tuned_line = done.stdout.splitlines()[:3]
+    assert prompt_line.startswith("plain prompt")
     assert f"test accuracy {zero['uncalibrated_accuracy']:.4f}" in prompt_line
+    assert calibrated_line.startswith("calibrated zero state")
+    assert f"test accuracy {zero['accuracy']:.4f}" in calibrated_line
+    assert tuned_line.startswith("tuned")
 
 
 def test_eval_scores_a_finished_run(tmp_path, base_args):
