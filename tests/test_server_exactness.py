@@ -84,7 +84,7 @@ def test_output_basis_keeps_b_in_the_top_output_directions(arch):
     _check_score_against_reference(server, splits)
     z = np.random.default_rng(1).normal(size=server.dim)
     for target, (_a, b) in server.space.factors(1, torch.tensor(z)[None], torch.float32).items():
-        cov = server.space.input_moments[1][target].out_cov.double()
+        cov = server.space.moments[1][target].out_cov.double()
         basis = torch.linalg.eigh(cov)[1][:, -8:]
         b = b[0].double()
         inside = basis @ (basis.T @ b)
@@ -96,7 +96,7 @@ def test_pca_a_factor_whitens_the_module_input():
     """A's rows are the top principal directions of the input, scaled to unit variance:
     A x over the train tokens has identity covariance (checked against a plain eigh)."""
     server, _ = make_server("llama", ("o",), a_factor="pca")
-    moments = server.space.input_moments[1]["o"]
+    moments = server.space.moments[1]["o"]
     a = server.space.fixed_a(1)[0].double()  # (r, in)
     cov = moments.cov.double()
     assert torch.allclose(a @ cov @ a.T, torch.eye(4, dtype=torch.float64), atol=1e-4)

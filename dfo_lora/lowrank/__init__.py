@@ -10,15 +10,15 @@ from dfo_lora.lowrank.space import (
     A_FACTORS,
     DEFAULT_TARGETS,
     FactorShape,
-    InputMoments,
     LowRankConfig,
     LowRankSpace,
+    ProjectionMoments,
     clipped_std,
 )
 
 __all__ = [
     "A_FACTORS",
-    "InputMoments",
+    "ProjectionMoments",
     "DEFAULT_TARGETS",
     "AdaptedProjection",
     "FactorShape",

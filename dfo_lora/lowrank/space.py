@@ -107,7 +107,7 @@ class FactorShape:
 
 
 @dataclass(frozen=True)
-class InputMoments:
+class ProjectionMoments:
     """One projection's statistics over the real train tokens of the zero state: its
     input's mean (in,) and covariance (in, in), and its output's covariance (out, out)."""
 
@@ -125,16 +125,16 @@ class LowRankSpace:
         shapes: list[FactorShape],
         sigma_hat: list[float],
         device: torch.device,
-        input_moments: list[dict[str, InputMoments]] | None = None,
+        moments: list[dict[str, ProjectionMoments]] | None = None,
     ):
         config.validate()
-        if config.needs_moments and input_moments is None:
+        if config.needs_moments and moments is None:
             raise UserError("a_factor/b_basis: pca and random need the projections' statistics")
         self.config = config
         self.shapes = shapes
         self.sigma_hat = list(sigma_hat)
         self.device = device
-        self.input_moments = input_moments
+        self.moments = moments
         self.chunk_sizes = [len(c) for c in np.array_split(np.arange(self.dim), config.num_chunks)]
         self._maps: dict[int, list[torch.Tensor]] = {}
         self._fixed_a: dict[int, list[torch.Tensor]] = {}
@@ -181,7 +181,7 @@ class LowRankSpace:
         the projection's output (orthonormal), C (m, r) a random map of the chunk, scaled by
         sqrt(out/m) so that B has the size it would have with a random map."""
         shape, r = self._target_of_chunk(index), self.config.rank
-        cov = self.input_moments[layer][shape.target].out_cov.double().cpu()
+        cov = self.moments[layer][shape.target].out_cov.double().cpu()
         m = min(self.config.basis_dim, shape.out_features)
         basis = torch.linalg.eigh(cov)[1][:, -m:].flip(1).float()  # (out, m), top first
         small = torch.randn(m * r, width, generator=gen) * (std * (shape.out_features / m) ** 0.5)
@@ -205,7 +205,7 @@ class LowRankSpace:
         if layer not in self._fixed_a:
             mats = []
             for index, shape in enumerate(self.shapes):
-                moments = self.input_moments[layer][shape.target]
+                moments = self.moments[layer][shape.target]
                 cov = moments.cov.double().cpu()
                 if self.config.a_factor == "pca":
                     values, vectors = torch.linalg.eigh(cov)  # ascending

@@ -231,11 +231,9 @@ class LayerwiseSearch:
                     if len(batch) > len(candidates):
                         self.visit["current_loss"] = float(losses[-1])
                     losses = losses[: len(candidates)]
-                    if config.z_penalty:  # decay on z: told to the optimizer, not logged
-                        penalty = config.z_penalty * np.mean(np.square(candidates), axis=1)
-                        opt.tell(candidates, losses + penalty)
-                    else:
-                        opt.tell(candidates, losses)
+                    # decay on z (0 by default): told to the optimizer, not logged
+                    penalty = config.z_penalty * np.mean(np.square(candidates), axis=1)
+                    opt.tell(candidates, losses + penalty)
                     self._track_visit_best(candidates, losses)
                     pos.evals += len(batch)
                     pos.generation += 1

@@ -31,9 +31,9 @@ from dfo_lora.errors import UserError
 from dfo_lora.lowrank import (
     AdaptedProjection,
     FactorShape,
-    InputMoments,
     LowRankConfig,
     LowRankSpace,
+    ProjectionMoments,
     clipped_std,
     install_adapters,
 )
@@ -115,7 +115,7 @@ class EvaluationServer:
         self._cache[0] = self._embed("train")
         self._valid_upto = 0
         sigma_hat = self._sigma_hat()
-        moments = self._input_moments(space.targets) if space.needs_moments else None
+        moments = self._projection_moments(space.targets) if space.needs_moments else None
         self.space = LowRankSpace(space, shapes, sigma_hat, backbone.device, moments)
 
     # ------------------------------------------------------------------ facts
@@ -179,7 +179,7 @@ class EvaluationServer:
         return sigma
 
     @torch.inference_mode()
-    def _input_moments(self, targets: tuple[str, ...]) -> list[dict[str, InputMoments]]:
+    def _projection_moments(self, targets: tuple[str, ...]) -> list[dict[str, ProjectionMoments]]:
         """Each adapted projection's input mean and covariance and output covariance over
         the real train tokens of the zero state (fp64 sums), for data-informed spaces."""
         masks = [b.attention_mask.bool() for b in self.buckets["train"]]
@@ -215,7 +215,7 @@ class EvaluationServer:
                 if wrapper.out_slices[target] is not None:  # a fused module's own columns
                     start, stop = wrapper.out_slices[target]
                     out_cov = out_cov[start:stop, start:stop]
-                per_target[target] = InputMoments(mean, cov, out_cov)
+                per_target[target] = ProjectionMoments(mean, cov, out_cov)
             moments.append(per_target)
         return moments
 
