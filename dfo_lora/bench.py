@@ -3,7 +3,9 @@
 What is measured (all in one process, same model, data and dtype):
 
 - server: one full round of the paper's schedule (every layer once, bottom-up: score
-  P candidates, commit the best), wall time -> candidate evaluations/s, tokens/s;
+  P candidates, commit the best), wall time -> candidate evaluations/s, tokens/s; each
+  layer's random maps are built first and timed apart (`maps_setup_s`): a run builds
+  them once, not every round;
 - naive: one plain HF forward per candidate with its factors merged into the weights
   (padded batch of the whole train set, full-vocabulary logits, like any eval script),
   `naive_per_layer` candidates at every layer; its cost does not depend on the layer,
@@ -13,8 +15,14 @@ What is measured (all in one process, same model, data and dtype):
   of this machine's matmul peak measured in the same run, in fp32 and bf16;
 - peak memory: the RSS high-water mark above the starting RSS, sampled every 2 ms
   (CPU) or torch.cuda.max_memory_allocated (GPU), for the server round, for the naive
-  loop, and for one plain inference forward (the decoder stack, no LM head) of the
-  same stacked batch (P x N sequences) that the server scores.
+  loop, for one plain inference forward (the decoder stack, no LM head) of the
+  same stacked batch (P x N sequences) that the server scores, and for one training
+  step of gradient LoRA (peft, q,v, r = 8, AdamW, the whole train split: the baseline's
+  step), measured last because it adds LoRA layers to the model;
+- the projected wall time of the paper's 8000-evaluation run at the round's rate.
+
+`run_bench` measures a server built from a spec (real model and task) or one given to it
+(`dfo_lora.synthetic`: a real shape with random weights, `dfo-lora bench --synthetic`).
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dfo_lora.lowrank import AdaptedProjection, merge_delta
 from dfo_lora.server import EvaluationServer, per_example_loss
 from dfo_lora.server.factory import ServerSpec, build_server
+
+PAPER_BUDGET = 8000  # evaluations of one of the paper's runs
 
 
 @dataclass
@@ -80,6 +90,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, seco
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or runs < 2:
         a @ b
@@ -98,8 +110,34 @@ def server_round(server: EvaluationServer, popsize: int, rng: np.random.Generato
     return popsize * server.num_layers
 
 
-def count_round_flops(server: EvaluationServer, popsize: int, rng) -> float:
-    """Matmul FLOPs of one round's scoring, from the first and last layer (linear in between)."""
+@contextmanager
+def eager_attention(model: torch.nn.Module):
+    """The model's attention in transformers' eager (matmul) form for the block: the same
+    FLOPs as sdpa, in ops that every torch's FlopCounterMode can count."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def count_round_flops(server: EvaluationServer, popsize: int, rng) -> tuple[float, str]:
+    """Matmul FLOPs of one round's scoring (first and last layer counted, linear between).
+
+    Some torch releases (2.11) cannot count grouped-query sdpa (Llama's kv heads fewer
+    than its heads); the count is then taken with eager attention, which does the same
+    matmuls (and counts the masked half of causal attention too: a few % more on small
+    models). Returns the FLOPs and the attention form they were counted in."""
+    try:
+        return _count_round_flops(server, popsize, rng), "sdpa"
+    except AssertionError:
+        with eager_attention(server.model):
+            return _count_round_flops(server, popsize, rng), "eager"
+
+
+def _count_round_flops(server: EvaluationServer, popsize: int, rng) -> float:
     counts = []
     for layer in (0, server.num_layers - 1):
         cands = rng.normal(size=(popsize, server.dim))
@@ -175,24 +213,59 @@ def plain_stacked_forward(server: EvaluationServer, popsize: int) -> None:
     body(input_ids=ids, attention_mask=mask)
 
 
+def gradient_step(server: EvaluationServer, seed: int) -> dict | None:
+    """Peak memory and time of one gradient-LoRA training step (the baseline's: peft LoRA
+    on q,v with r = 8, AdamW, the whole train split); None without peft. Adds LoRA
+    layers to the server's model, so it runs last."""
+    from types import SimpleNamespace
+
+    from dfo_lora.baselines.common import train_loss
+    from dfo_lora.baselines.lora import add_lora
+
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return None
+    device = server.backbone.device
+    ctx = SimpleNamespace(server=server, notes=[], config=SimpleNamespace(seed=seed))
+    params = add_lora(ctx, "gradient-lora", ["q", "v"], 8, 8.0)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=5e-4)
+    with peak_memory(device) as mem:
+        start = time.perf_counter()
+        loss, _ = train_loss(server, server.loss_name, False)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return {"peak_mem_bytes": mem.bytes, "time_s": seconds}
+
+
 def run_bench(
     spec: ServerSpec,
     popsize: int = 20,
     naive_per_layer: int = 1,
     candidate_scale: float = 1.0,
     seed: int = 0,
+    server: EvaluationServer | None = None,
+    task_label: str | None = None,
 ) -> dict:
-    """All figures of `dfo-lora bench` as one dict."""
-    server = build_server(spec)
+    """All figures of `dfo-lora bench` as one dict (of `server` when given, else of the
+    server that `spec` builds)."""
+    server = server or build_server(spec)
     device = server.backbone.device
     info = server.info()
     rng = np.random.default_rng(seed)
 
+    start = time.perf_counter()
+    for layer in range(server.num_layers):  # each layer's maps, built once per run
+        server.space.factors(layer, torch.zeros(1, server.dim), server.backbone.dtype)
+    setup_time = time.perf_counter() - start
     with peak_memory(device) as server_mem:
         start = time.perf_counter()
         evals = server_round(server, popsize, rng, candidate_scale)
         server_time = time.perf_counter() - start
-    flops = count_round_flops(server, popsize, np.random.default_rng(seed + 1))
+    flops, counted_as = count_round_flops(server, popsize, np.random.default_rng(seed + 1))
 
     naive = NaiveScorer(server, plain_model_copy(server))
     with peak_memory(device) as naive_mem:
@@ -209,17 +282,21 @@ def run_bench(
         plain_stacked_forward(server, popsize)
 
     peaks = {
-        "fp32": matmul_peak(torch.float32, device),
-        "bf16": matmul_peak(torch.bfloat16, device, size=1024 if device.type == "cpu" else 4096),
+        "fp32": matmul_peak(torch.float32, device, size=2048 if device.type == "cpu" else 8192),
+        "bf16": matmul_peak(torch.bfloat16, device, size=1024 if device.type == "cpu" else 8192),
     }
+    try:  # an optional figure: a failure here must not lose the others
+        step, step_error = gradient_step(server, seed), None
+    except Exception as exc:  # noqa: BLE001
+        step, step_error = None, f"{type(exc).__name__}: {exc}"
     dtype_name = info["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16")
     dtype_name = dtype_name.replace("float16", "fp16")
     achieved = flops / server_time
     evals_per_s = evals / server_time
     naive_evals_per_s = naive_evals / naive_time
     return {
-        "model": spec.model,
-        "task": spec.task,
+        "model": info["model"],
+        "task": task_label or spec.task,
         "dtype": dtype_name,
         "device": info["device"],
         "popsize": popsize,
@@ -237,6 +314,7 @@ def run_bench(
         "naive_tokens_per_s": naive_evals_per_s * info["train_tokens"],
         "speedup": evals_per_s / naive_evals_per_s,
         "round_flops": flops,
+        "flops_counted_with": counted_as,
         "achieved_flops_per_s": achieved,
         "matmul_peak_flops_per_s": peaks,
         "peak_fraction": achieved / peaks.get(dtype_name, peaks["fp32"]),
@@ -244,6 +322,12 @@ def run_bench(
         "naive_peak_mem_bytes": naive_mem.bytes,
         "plain_stacked_forward_peak_mem_bytes": plain_mem.bytes,
         "mem_vs_plain_stacked": server_mem.bytes / max(1, plain_mem.bytes),
+        "gradient_step_peak_mem_bytes": step and step["peak_mem_bytes"],
+        "gradient_step_time_s": step and step["time_s"],
+        "gradient_step_error": step_error,
+        "chunk_tokens": server.chunk_tokens,
+        "maps_setup_s": setup_time,
+        "projected_8000_evals_s": setup_time + PAPER_BUDGET / evals_per_s,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -268,7 +352,16 @@ def format_report(result: dict) -> str:
         f"memory : server {result['peak_mem_bytes'] / gib:.2f} GiB, naive "
         f"{result['naive_peak_mem_bytes'] / gib:.2f} GiB, plain stacked forward "
         f"{result['plain_stacked_forward_peak_mem_bytes'] / gib:.2f} GiB "
-        f"(ratio {result['mem_vs_plain_stacked']:.2f})",
+        f"(ratio {result['mem_vs_plain_stacked']:.2f})"
+        + (
+            f", one gradient-LoRA step {result['gradient_step_peak_mem_bytes'] / gib:.2f} GiB "
+            f"({result['gradient_step_time_s']:.2f} s)"
+            if result["gradient_step_peak_mem_bytes"] is not None
+            else ""
+        ),
+        f"paper  : {PAPER_BUDGET} evaluations (the paper's run) would take "
+        f"{result['projected_8000_evals_s']:.1f} s at this rate (with the "
+        f"{result['maps_setup_s']:.1f} s of building the projection maps once)",
     ]
     return "\n".join(lines)
 

@@ -165,10 +165,33 @@ def build_parser() -> ArgumentParser:
     bench.add_argument("--dtype", default="auto")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--targets", default="q,k")
-    bench.add_argument("--max-tokens", type=int, default=16384)
+    bench.add_argument("--max-tokens", default="auto", help="tokens per chunk (default: auto)")
+    bench.add_argument("--max-buckets", type=int, default=8, help="length buckets (default: 8)")
     bench.add_argument("--naive-per-layer", type=int, default=1, help="naive candidates per layer")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+    synthetic = bench.add_argument_group(
+        "synthetic (no weights, tokenizer or download: a real shape with random weights)"
+    )
+    synthetic.add_argument(
+        "--synthetic",
+        metavar="NAME",
+        help="benchmark a shape instead of --model/--task: " + ", ".join(_synthetic_names()),
+    )
+    synthetic.add_argument("--examples", type=int, default=32, help="train examples N")
+    synthetic.add_argument("--classes", type=int, default=2, help="classes C")
+    synthetic.add_argument(
+        "--median-tokens", type=int, default=14, help="median example length (log-normal)"
+    )
+    synthetic.add_argument(
+        "--max-memory", type=float, metavar="GIB", help="refuse shapes needing more than this"
+    )
     return parser
+
+
+def _synthetic_names() -> list[str]:
+    from dfo_lora.synthetic import SHAPES
+
+    return list(SHAPES)
 
 
 def cmd_tune(args) -> int:
@@ -301,12 +324,28 @@ def cmd_bench(args) -> int:
         "device": args.device,
         "targets": args.targets,
         "max_tokens": args.max_tokens,
+        "max_buckets": args.max_buckets,
         "popsize": args.popsize,
         "budget": 10**9,  # unused by bench; keeps the round check quiet
         "test_limit": 1,  # bench scores train only
     }
     spec = load_config(None, values).server_spec()
-    result = run_bench(spec, popsize=args.popsize, naive_per_layer=args.naive_per_layer)
+    server, label = None, None
+    if args.synthetic:
+        from dfo_lora.synthetic import synthetic_server
+
+        limit = None if args.max_memory is None else int(args.max_memory * 2**30)
+        server = synthetic_server(
+            args.synthetic, spec, args.examples, args.classes, args.median_tokens, limit
+        )
+        label = f"synthetic N={args.examples} C={args.classes} median {args.median_tokens} tokens"
+    result = run_bench(
+        spec,
+        popsize=args.popsize,
+        naive_per_layer=args.naive_per_layer,
+        server=server,
+        task_label=label,
+    )
     print(json.dumps(result, sort_keys=True) if args.json else format_report(result))
     return 0
 

@@ -113,7 +113,11 @@ class TuneConfig:
     eval_every: int = opt(100, "evaluations between dev evaluations")
     checkpoint_every_s: float = opt(60.0, "also checkpoint after every layer visit")
     # ---- performance
-    max_tokens: int = opt(16384, "padded tokens per stacked chunk of candidates")
+    max_tokens: int | None = opt(
+        None,
+        "padded tokens per stacked chunk of candidates (bounds memory); auto: 16384 on a "
+        "CPU, on CUDA what a quarter of the free device memory holds",
+    )
     max_buckets: int = opt(8, "length buckets per split")
     prefix_cache: bool = opt(True, "reuse layer inputs below the searched layer")
     # ---- distributed (dfo_lora/distributed; the results do not depend on them)
@@ -144,12 +148,13 @@ class TuneConfig:
             "generations_per_visit",
             "eval_every",
             "max_length",
-            "max_tokens",
             "max_buckets",
             "servers",
         ):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise UserError(f"max_tokens: must be a positive integer, got {self.max_tokens}")
         if self.popsize < 2:
             raise UserError(f"popsize: must be at least 2, got {self.popsize}")
         for name in ("alpha", "sigma", "checkpoint_every_s", "cpus_per_server"):
@@ -246,7 +251,8 @@ def coerce(name: str, value, where: str = ""):
     kind = FIELD_TYPES[name]
     optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
     if optional:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        words = ("none", "null", "", "auto") if name == "max_tokens" else ("none", "null", "")
+        if value is None or (isinstance(value, str) and value.lower() in words):
             return None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     try:

@@ -8,7 +8,7 @@ import torch
 
 from dfo_lora.lowrank import LowRankConfig, clipped_std
 from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
-from tests.tiny_models import merged_reference_logits, random_examples, tiny_model
+from tests.tiny_models import DEVICE, merged_reference_logits, random_examples, tiny_model
 
 ARCHS = ["llama", "gpt2", "roberta", "bert"]
 VERBALIZER = [7, 11, 13]
@@ -97,8 +97,8 @@ def test_pca_a_factor_whitens_the_module_input():
     A x over the train tokens has identity covariance (checked against a plain eigh)."""
     server, _ = make_server("llama", ("o",), a_factor="pca")
     moments = server.space.moments[1]["o"]
-    a = server.space.fixed_a(1)[0].double()  # (r, in)
-    cov = moments.cov.double()
+    a = server.space.fixed_a(1)[0].double().cpu()  # (r, in)
+    cov = moments.cov.double().cpu()
     assert torch.allclose(a @ cov @ a.T, torch.eye(4, dtype=torch.float64), atol=1e-4)
     top = torch.linalg.eigh(cov)[1][:, -1]
     assert abs(float(torch.nn.functional.cosine_similarity(a[0], top, dim=0))) > 0.999
@@ -206,7 +206,7 @@ def test_projection_std_follows_hidden_state_statistics(arch):
     net = backbone.model
     want = [clipped_std(backbone.arch.word_embeddings(net))]
     with torch.no_grad():
-        ids = [torch.tensor([ex.input_ids]) for ex in splits["train"]]
+        ids = [torch.tensor([ex.input_ids], device=DEVICE) for ex in splits["train"]]
         states = [net(input_ids=i, output_hidden_states=True).hidden_states for i in ids]
     for layer in range(1, server.num_layers):
         real = torch.cat([s[layer][0] for s in states])

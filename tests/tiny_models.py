@@ -1,4 +1,8 @@
-"""Tiny random models of each supported architecture, built from config (no downloads)."""
+"""Tiny random models of each supported architecture, built from config (no downloads).
+
+They live on CUDA when a GPU is present (`DEVICE`), so the exactness tests run there too
+(in fp32, as on the CPU); CI has none and runs them on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dfo_lora.lowrank import merge_delta
 VOCAB = 96
 PAD = 1  # RoBERTa's padding_idx; used as the pad id for every tiny model
 MASK = 4
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -77,7 +82,7 @@ def tiny_model(arch: str, seed: int = 0):
     net.config._attn_implementation = "sdpa"
     net = net.float()
     tok = SimpleNamespace(pad_token_id=PAD, eos_token_id=PAD)
-    return prepare_backbone(net, tok, f"tiny-{arch}", torch.device("cpu"))
+    return prepare_backbone(net, tok, f"tiny-{arch}", DEVICE)
 
 
 def random_examples(backbone, n: int, seed: int, min_len=4, max_len=14) -> list[Encoded]:
@@ -118,7 +123,7 @@ def merged_reference_logits(
     rows = []
     with torch.no_grad():
         for ex in examples:
-            ids = torch.tensor([ex.input_ids])
+            ids = torch.tensor([ex.input_ids], device=DEVICE)
             out = net(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             rows.append(out[0, ex.slot, verbalizer])
-    return torch.stack(rows)
+    return torch.stack(rows).cpu()

@@ -78,9 +78,7 @@ def actor_spec(config: TuneConfig) -> ServerSpec:
 def chunk_candidates(server) -> list[int]:
     """Candidates per stacked chunk in each train bucket, as `EvaluationServer.score`
     cuts them (keep in step with it; tests/test_distributed.py checks the exactness)."""
-    return [
-        max(1, server.options.max_tokens // (b.size * b.length)) for b in server.buckets["train"]
-    ]
+    return [max(1, server.chunk_tokens // (b.size * b.length)) for b in server.buckets["train"]]
 
 
 def plan_shares(num: int, unit: int, parts: int) -> list[tuple[int, int]]:
@@ -491,10 +489,10 @@ class RemoteServer:
         if self.unit >= len(cand) and self.group.size > 1 and not self._warned:
             self._warned = True
             log.warning(
-                "a population of %d is one chunk of the server (max_tokens %d), so each "
+                "a population of %d is one chunk of the server (max_tokens %s), so each "
                 "generation runs on one server; lower max_tokens to spread it over %d",
                 len(cand),
-                self.group.spec.options.max_tokens,
+                self.group.spec.options.max_tokens or "auto",
                 self.group.size,
             )
         self.score_calls += 1

@@ -218,7 +218,8 @@ class LowRankSpace:
                     )
                     raw = torch.randn(shape.in_features, self.config.rank, generator=gen)
                     rows = torch.linalg.qr(raw.double())[0].T  # (r, in) orthonormal
-                    second = cov + torch.outer(moments.mean.double().cpu(), moments.mean.double())
+                    mean = moments.mean.double().cpu()
+                    second = cov + torch.outer(mean, mean)
                     mat = rows / torch.sqrt(torch.trace(second) / shape.in_features)
                 mats.append(mat.float().to(self.device))
             self._fixed_a[layer] = mats

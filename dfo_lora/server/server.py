@@ -13,7 +13,8 @@ What makes `score` fast (DESIGN.md §4), each exact up to dtype rounding:
   cache above j only;
 - population batching: candidates are stacked into one batch (P' blocks of n sequences)
   and their low-rank deltas applied by batched matmuls; P' is chosen so a chunk holds
-  at most `max_tokens` tokens, which bounds memory;
+  at most `max_tokens` tokens (by default sized from free device memory), which bounds
+  memory;
 - shared first step: at layer l the base projections of the layer input run once;
 - verbalizer-only logits, at the slot position only;
 - length buckets: little padding (right padding; causal models need no padding mask).
@@ -40,19 +41,23 @@ from dfo_lora.lowrank import (
 from dfo_lora.server.batching import Bucket, make_buckets
 from dfo_lora.server.losses import LOSSES, per_example_loss
 
+CPU_CHUNK_TOKENS = 16384  # padded tokens per stacked chunk on a CPU (BENCHMARKS.md)
+
 
 @dataclass(frozen=True)
 class ServerOptions:
     """Performance knobs; none of them changes a result beyond dtype rounding."""
 
-    max_tokens: int = 16384  # padded tokens per stacked chunk (candidates x examples)
+    # padded tokens per stacked chunk (candidates x examples); None = auto: CPU_CHUNK_TOKENS
+    # on a CPU, on CUDA as many as a quarter of the free device memory holds
+    max_tokens: int | None = None
     bucket_call_cost: int = 64  # padding tokens worth one more forward call, for bucketing
     max_buckets: int = 8  # length buckets per split at most
     prefix_cache: bool = True  # reuse layer inputs below the searched layer
 
     def validate(self) -> None:
         for name in ("max_tokens", "max_buckets"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
 
 
@@ -117,6 +122,7 @@ class EvaluationServer:
         sigma_hat = self._sigma_hat()
         moments = self._projection_moments(space.targets) if space.needs_moments else None
         self.space = LowRankSpace(space, shapes, sigma_hat, backbone.device, moments)
+        self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
 
     # ------------------------------------------------------------------ facts
     @property
@@ -219,6 +225,32 @@ class EvaluationServer:
             moments.append(per_target)
         return moments
 
+    @torch.inference_mode()
+    def _auto_chunk_tokens(self) -> int:
+        """Tokens per stacked chunk when `max_tokens` is not given.
+
+        CPU: CPU_CHUNK_TOKENS (larger chunks gain nothing there, BENCHMARKS.md). CUDA: the
+        peak bytes per token of one measured forward of layer 0 on the train set, and as
+        many tokens as a quarter of the free device memory holds, so a whole population
+        is one chunk wherever it fits, with room for the prefix cache and the allocator.
+        """
+        device = self.backbone.device
+        if device.type != "cuda":
+            return CPU_CHUNK_TOKENS
+        train = self.buckets["train"]
+        index = max(range(len(train)), key=lambda i: train[i].size * train[i].length)
+        bucket, h0 = train[index], self._cache[0][index]
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        self.arch.run_layer(self.layers[0], h0, self._stack_inputs[id(bucket)])
+        torch.cuda.synchronize(device)
+        per_token = (torch.cuda.max_memory_allocated(device) - before) / (
+            bucket.size * bucket.length
+        )
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(CPU_CHUNK_TOKENS, int(0.25 * free / max(per_token, 1.0)))
+
     # ------------------------------------------------------------------ state
     def commit(self, layer: int, z: np.ndarray) -> None:
         """Fix layer `layer` at z; layers above see it from now on."""
@@ -276,7 +308,7 @@ class EvaluationServer:
         logits = torch.zeros(num, n, len(self.verbalizer), dtype=torch.float32)  # (P, N, C)
         labels = torch.zeros(n, dtype=torch.long)
         for h0, bucket in zip(inputs, self.buckets["train"], strict=True):
-            per_chunk = max(1, self.options.max_tokens // (bucket.size * bucket.length))
+            per_chunk = max(1, self.chunk_tokens // (bucket.size * bucket.length))
             rows = torch.from_numpy(bucket.order)
             labels[rows] = bucket.labels.cpu()
             for start in range(0, num, per_chunk):
@@ -319,7 +351,7 @@ class EvaluationServer:
         logits = np.zeros((n, len(self.verbalizer)), dtype=np.float32)
         labels = np.zeros(n, dtype=np.int64)
         for bucket in self.buckets[split]:
-            per_chunk = max(1, self.options.max_tokens // bucket.length)
+            per_chunk = max(1, self.chunk_tokens // bucket.length)
             for start in range(0, bucket.size, per_chunk):
                 rows = slice(start, start + per_chunk)
                 ids = bucket.input_ids[rows]
