@@ -73,7 +73,8 @@ class TuneConfig:
     b_basis: str = opt(
         "random",
         "random (the paper) | pca: B's columns lie in the top basis_dim principal directions "
-        "of the projection's output on the train split",
+        "of the projection's output on the train split | verbalizer: in the directions that "
+        "move the verbalizer logits (targets writing the residual stream: o, down)",
     )
     basis_dim: int = opt(32, "b_basis pca: output directions B may use")
     loss: str = opt("ce", "ce | hinge | neg_acc")

@@ -41,9 +41,7 @@ def test_synthetic_bench_reports_every_figure(capsys):
     assert (result["n_train"], result["num_layers"], result["dtype"]) == (32, 3, "fp32")
     assert result["evaluations"] == 6 * 3
     assert result["evals_per_s"] > 0 and result["naive_evals_per_s"] > 0
-    assert result["speedup"] == pytest.approx(
-        result["evals_per_s"] / result["naive_evals_per_s"]
-    )
+    assert result["speedup"] == pytest.approx(result["evals_per_s"] / result["naive_evals_per_s"])
     assert result["projected_8000_evals_s"] == pytest.approx(
         result["maps_setup_s"] + 8000 / result["evals_per_s"]
     )

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dfo_lora.errors import UserError
 from dfo_lora.lowrank import LowRankConfig, clipped_std
 from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
 from tests.tiny_models import DEVICE, merged_reference_logits, random_examples, tiny_model
@@ -90,6 +91,58 @@ def test_output_basis_keeps_b_in_the_top_output_directions(arch):
         inside = basis @ (basis.T @ b)
         assert torch.allclose(inside, b, atol=1e-5 * float(b.abs().max()))
         assert cov.shape[0] == b.shape[0]  # the slice's own output covariance
+
+
+RESIDUAL_WRITERS = {"llama": ("o", "down"), "gpt2": ("o", "proj"), "roberta": ("o", "output")}
+RESIDUAL_WRITERS["bert"] = RESIDUAL_WRITERS["roberta"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_verbalizer_basis_equals_merged_hf_forward(arch):
+    """b_basis verbalizer: exact like every space, and every B column lies in the span of
+    the head directions (one per verbalizer word)."""
+    targets = RESIDUAL_WRITERS[arch]
+    server, splits = make_server(arch, targets, a_factor="pca", b_basis="verbalizer")
+    _check_score_against_reference(server, splits)
+    head = server.space.head_directions.double().cpu()  # (C, H)
+    assert head.shape == (len(VERBALIZER), server.adapted[0][targets[0]].shape[1])
+    q = torch.linalg.qr(head.T)[0]
+    z = torch.tensor(np.random.default_rng(2).normal(size=(1, server.dim)))
+    for _a, b in server.space.factors(1, z, torch.float32).values():
+        b = b[0].double().cpu()
+        assert torch.allclose(q @ (q.T @ b), b, atol=1e-5 * float(b.abs().max()))
+
+
+def test_verbalizer_directions_are_the_logit_gradients():
+    """The head directions move each verbalizer logit to first order: a central finite
+    difference of the HF head (final norm, lm_head) along a random direction agrees."""
+    server, splits = make_server("llama", ("o",), a_factor="pca", b_basis="verbalizer")
+    net = server.model
+    hidden = []
+    hook = server.layers[-1].register_forward_hook(lambda m, a, out: hidden.append(out))
+    with torch.no_grad():
+        for ex in splits["train"]:
+            net(input_ids=torch.tensor([ex.input_ids], device=DEVICE))
+            hidden[-1] = hidden[-1][0][ex.slot]
+    hook.remove()
+    mean = torch.stack(hidden).double().mean(0)
+    head = net.double()
+    v = torch.randn(mean.shape[0], generator=torch.Generator().manual_seed(0)).double()
+    v = v.to(mean.device)
+    eps = 1e-4
+
+    def logits(h):
+        return head.lm_head(head.model.norm(h))[VERBALIZER]
+
+    with torch.no_grad():
+        numeric = (logits(mean + eps * v) - logits(mean - eps * v)) / (2 * eps)
+    want = server.space.head_directions.double() @ v
+    assert torch.allclose(numeric.cpu(), want.cpu(), rtol=5e-3, atol=1e-4)  # fp32 server
+
+
+def test_verbalizer_basis_needs_residual_writers():
+    with pytest.raises(UserError, match="targets q do not write the residual stream"):
+        make_server("llama", ("q", "o"), a_factor="pca", b_basis="verbalizer")
 
 
 def test_pca_a_factor_whitens_the_module_input():

@@ -30,11 +30,14 @@ class Projection:
     side): the low-rank delta then only touches those output columns. `reads_layer_input`
     marks projections whose input is the layer's (normalised) input, identical for every
     candidate at the layer being searched, so their base output can be shared.
+    `writes_residual` marks projections whose output is added to the residual stream
+    (attention output, MLP output), whose directions the verbalizer head reads.
     """
 
     module: str
     out_slice: tuple[int, int] | None = None
     reads_layer_input: bool = False
+    writes_residual: bool = False
 
 
 @dataclass
@@ -127,10 +130,10 @@ def _llama_projections(model) -> dict[str, Projection]:
         "q": Projection("self_attn.q_proj", reads_layer_input=True),
         "k": Projection("self_attn.k_proj", reads_layer_input=True),
         "v": Projection("self_attn.v_proj", reads_layer_input=True),
-        "o": Projection("self_attn.o_proj"),
+        "o": Projection("self_attn.o_proj", writes_residual=True),
         "gate": Projection("mlp.gate_proj"),
         "up": Projection("mlp.up_proj"),
-        "down": Projection("mlp.down_proj"),
+        "down": Projection("mlp.down_proj", writes_residual=True),
     }
 
 
@@ -161,9 +164,9 @@ def _gpt2_projections(model) -> dict[str, Projection]:
         "q": Projection("attn.c_attn", (0, h), reads_layer_input=True),
         "k": Projection("attn.c_attn", (h, 2 * h), reads_layer_input=True),
         "v": Projection("attn.c_attn", (2 * h, 3 * h), reads_layer_input=True),
-        "o": Projection("attn.c_proj"),
+        "o": Projection("attn.c_proj", writes_residual=True),
         "fc": Projection("mlp.c_fc"),
-        "proj": Projection("mlp.c_proj"),
+        "proj": Projection("mlp.c_proj", writes_residual=True),
     }
 
 
@@ -194,9 +197,9 @@ def _bert_like_projections(model) -> dict[str, Projection]:
         "q": Projection("attention.self.query", reads_layer_input=True),
         "k": Projection("attention.self.key", reads_layer_input=True),
         "v": Projection("attention.self.value", reads_layer_input=True),
-        "o": Projection("attention.output.dense"),
+        "o": Projection("attention.output.dense", writes_residual=True),
         "intermediate": Projection("intermediate.dense"),
-        "output": Projection("output.dense"),
+        "output": Projection("output.dense", writes_residual=True),
     }
 
 

@@ -22,6 +22,15 @@ order, where the paper's z = 0 (A = B = 0) changes it only to second order.
   the r main coordinates of what the module reads;
 - `random`: r random orthonormal rows (seeded like the maps), scaled so A_t x has unit
   variance on average.
+
+`b_basis` (not the paper's; default `random` is) confines the columns of each B_t:
+- `pca`: to the top `basis_dim` principal directions of the projection's output;
+- `verbalizer`: to the C directions of the residual stream that move the C verbalizer
+  logits (the gradients of each logit with respect to the last hidden state, at the
+  mean slot state of the zero state's train split), for projections that write the
+  residual stream (o, down). With A fixed, each layer's delta is then a small linear
+  read-out of the module's main input coordinates written straight into the label
+  logits' directions: z sets C x r numbers per target.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from dfo_lora.errors import UserError
 
 DEFAULT_TARGETS = ("q", "k")
 A_FACTORS = ("searched", "pca", "random")
-B_BASES = ("random", "pca")
+B_BASES = ("random", "pca", "verbalizer")
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class LowRankConfig:
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
     a_factor: str = "searched"  # searched (paper) | pca | random: fixed A, z -> B only
-    b_basis: str = "random"  # random (paper) | pca: B's columns in the output's top directions
+    b_basis: str = "random"  # random (paper) | pca | verbalizer: where B's columns may lie
     basis_dim: int = 32  # b_basis pca: how many top output directions B may use
 
     @property
@@ -58,7 +67,7 @@ class LowRankConfig:
 
     @property
     def needs_moments(self) -> bool:
-        return not self.searches_a or self.b_basis != "random"
+        return not self.searches_a or self.b_basis == "pca"
 
     @property
     def num_chunks(self) -> int:
@@ -126,10 +135,14 @@ class LowRankSpace:
         sigma_hat: list[float],
         device: torch.device,
         moments: list[dict[str, ProjectionMoments]] | None = None,
+        head_directions: torch.Tensor | None = None,
     ):
         config.validate()
         if config.needs_moments and moments is None:
             raise UserError("a_factor/b_basis: pca and random need the projections' statistics")
+        if config.b_basis == "verbalizer" and head_directions is None:
+            raise UserError("b_basis verbalizer: needs the verbalizer's head directions")
+        self.head_directions = head_directions  # (C, hidden): moves each verbalizer logit
         self.config = config
         self.shapes = shapes
         self.sigma_hat = list(sigma_hat)
@@ -160,8 +173,9 @@ class LowRankSpace:
                 gen = torch.Generator().manual_seed(
                     (self.config.seed * 1_000_003 + layer * 1_009 + index) % (2**63)
                 )
-                if self._is_b_chunk(index) and self.config.b_basis == "pca":
-                    mat = self._output_basis_map(layer, index, width, gen, std)
+                if self._is_b_chunk(index) and self.config.b_basis != "random":
+                    basis = self._output_basis(layer, self._target_of_chunk(index))
+                    mat = self._basis_map(basis, index, width, gen, std)
                 else:
                     mat = torch.randn(numel, width, generator=gen, dtype=torch.float32) * std
                 mats.append(mat.to(self.device))
@@ -174,16 +188,23 @@ class LowRankSpace:
     def _target_of_chunk(self, index: int) -> FactorShape:
         return self.shapes[index if not self.config.searches_a else index // 2]
 
-    def _output_basis_map(
-        self, layer: int, index: int, width: int, gen: torch.Generator, std: float
-    ) -> torch.Tensor:
-        """(out*r, width) map whose B = U @ C: U the top `basis_dim` principal directions of
-        the projection's output (orthonormal), C (m, r) a random map of the chunk, scaled by
-        sqrt(out/m) so that B has the size it would have with a random map."""
-        shape, r = self._target_of_chunk(index), self.config.rank
+    def _output_basis(self, layer: int, shape: FactorShape) -> torch.Tensor:
+        """Orthonormal (out, m) columns that B may use: the output's top `basis_dim`
+        principal directions (pca), or the verbalizer's head directions (verbalizer)."""
+        if self.config.b_basis == "verbalizer":
+            return torch.linalg.qr(self.head_directions.double().cpu().T)[0].float()
         cov = self.moments[layer][shape.target].out_cov.double().cpu()
         m = min(self.config.basis_dim, shape.out_features)
-        basis = torch.linalg.eigh(cov)[1][:, -m:].flip(1).float()  # (out, m), top first
+        return torch.linalg.eigh(cov)[1][:, -m:].flip(1).float()  # (out, m), top first
+
+    def _basis_map(
+        self, basis: torch.Tensor, index: int, width: int, gen: torch.Generator, std: float
+    ) -> torch.Tensor:
+        """(out*r, width) map whose B = U @ C: U the orthonormal `basis` (out, m), C (m, r)
+        a random map of the chunk, scaled by sqrt(out/m) so that B has the size it would
+        have with a random map."""
+        shape, r = self._target_of_chunk(index), self.config.rank
+        m = basis.shape[1]
         small = torch.randn(m * r, width, generator=gen) * (std * (shape.out_features / m) ** 0.5)
         # B (out, r) = basis @ C, C (m, r) = small @ z viewed (m, r): row-major B index o*r+j.
         return torch.einsum("om,mjw->ojw", basis, small.view(m, r, width)).reshape(-1, width)

@@ -121,7 +121,8 @@ class EvaluationServer:
         self._valid_upto = 0
         sigma_hat = self._sigma_hat()
         moments = self._projection_moments(space.targets) if space.needs_moments else None
-        self.space = LowRankSpace(space, shapes, sigma_hat, backbone.device, moments)
+        head = self._head_directions(space.targets) if space.b_basis == "verbalizer" else None
+        self.space = LowRankSpace(space, shapes, sigma_hat, backbone.device, moments, head)
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
 
     # ------------------------------------------------------------------ facts
@@ -250,6 +251,33 @@ class EvaluationServer:
         )
         free, _ = torch.cuda.mem_get_info(device)
         return max(CPU_CHUNK_TOKENS, int(0.25 * free / max(per_token, 1.0)))
+
+    def _head_directions(self, targets: tuple[str, ...]) -> torch.Tensor:
+        """(C, H) gradients of the C verbalizer logits with respect to the last hidden
+        state, at the mean slot state of the zero state's train split (fp32)."""
+        wrong = [t for t in targets if not self.arch.projection(self.model, t).writes_residual]
+        if wrong:
+            writers = [
+                name for name, p in self.arch.projections(self.model).items() if p.writes_residual
+            ]
+            raise UserError(
+                f"b_basis verbalizer: targets {','.join(wrong)} do not write the residual "
+                f"stream; choose from {', '.join(writers)}"
+            )
+        with torch.inference_mode():
+            last = self._advance_cache(self.num_layers - 1)
+            at_slot = []
+            for h, bucket in zip(last, self.buckets["train"], strict=True):
+                out = self.arch.run_layer(self.layers[-1], h, self._stack_inputs[id(bucket)])
+                at_slot.append(out[torch.arange(out.shape[0], device=out.device), bucket.slots])
+            mean = torch.cat(at_slot).float().mean(0)
+        dtype = self.backbone.dtype
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            out = self.arch.verbalizer_logits(self.model, hidden[None].to(dtype), self.verbalizer)
+            return out[0].float()
+
+        return torch.autograd.functional.jacobian(logits, mean.clone()).detach()
 
     # ------------------------------------------------------------------ state
     def commit(self, layer: int, z: np.ndarray) -> None:
