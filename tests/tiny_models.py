@@ -127,3 +127,26 @@ def merged_reference_logits(
             out = net(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             rows.append(out[0, ex.slot, verbalizer])
     return torch.stack(rows).cpu()
+
+
+def save_tiny_llama(folder, tokenizer_dir):
+    """A 3-layer random Llama (hidden 32, seeded) saved in `folder` with the tokenizer of
+    `tokenizer_dir` (the real SmolLM2's in the tests): real text in, tiny compute."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
