@@ -1,4 +1,4 @@
-"""`dfo-lora tune | eval | tasks | bench | sweep | baseline | plot`.
+"""`dfo-lora tune | eval | export | tasks | bench | sweep | baseline | plot`.
 
 Every `tune` option is a TuneConfig field (see `dfo-lora tune --help`); `--config FILE`
 loads YAML first and options given on the command line override it. Bad input prints
@@ -141,6 +141,22 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--zero-shot", action="store_true", help="score the unmodified model instead")
     ev.add_argument("--data-dir", default=None, help="override the run's data folder")
 
+    export = sub.add_parser(
+        "export",
+        help="write a finished run's tuned adapters as a PEFT adapter or a merged model",
+        description="peft: a folder that PeftModel.from_pretrained(base, DIR) loads (LoRA "
+        "with scaling 1; fused modules such as GPT-2's c_attn get B zero outside each "
+        "target's slice). merged: the base model with the deltas added to its weights, "
+        "loadable by AutoModelForCausalLM / AutoModelForMaskedLM.from_pretrained. Both in "
+        "fp32; DIR must not exist.",
+    )
+    export.add_argument("run", metavar="RUN_DIR", help="output folder of `dfo-lora tune`")
+    export.add_argument("--format", required=True, help="peft | merged")
+    export.add_argument(
+        "--state", default="best", help="best (dev-selected, default) | final (last searched)"
+    )
+    export.add_argument("--out", required=True, metavar="DIR", help="a new folder")
+
     add_baseline_parser(sub)
 
     sweep = sub.add_parser("sweep", help="a grid of runs on Ray server actors (see --help)")
@@ -269,6 +285,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from dfo_lora.export import export_run
+
+    out = export_run(args.run, args.format, args.out, args.state)
+    print(f"wrote {out} ({args.format}, {args.state} state)")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from dfo_lora.distributed import run_sweep
 
@@ -360,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_bench,
         "sweep": cmd_sweep,
         "plot": cmd_plot,
+        "export": cmd_export,
         "baseline": cmd_baseline,
     }
     try:

@@ -65,3 +65,46 @@ def test_zero_shot_is_above_chance(backbone, task, limit, threshold):
     server = build_server(ServerSpec(task=task, test_limit=limit), backbone=backbone)
     accuracy = server.evaluate("test")["accuracy"]
     assert accuracy > threshold, accuracy
+
+
+def test_export_of_a_smollm2_run_gives_the_tool_logits(tmp_path):
+    """A short recommended-space run (A fixed to principal directions, v,o) on the real
+    model, exported both ways: the stock HF forwards give the tool's test logits."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from dfo_lora.backbone.loading import resolve_source
+    from dfo_lora.config import TuneConfig
+    from dfo_lora.export import export_run
+    from dfo_lora.search.run import load_tuned, tune
+    from tests.test_export import exported_logits
+    from tests.test_server_exactness import rel_err
+
+    config = TuneConfig(
+        model="smollm2-135m",
+        task="sst2",
+        test_limit=24,
+        dtype="fp32",
+        targets=["v", "o"],
+        a_factor="pca",
+        intrinsic_dim=8,
+        alpha=0.05,
+        layers="top:2",
+        popsize=6,
+        budget=12,
+        select="final",
+    ).validate()
+    run = tmp_path / "run"
+    tune(config, run, progress=False)
+    z, config = load_tuned(run)
+    assert np.any(z)
+    server = build_server(config.server_spec())
+    server.set_state(z)
+    want = server.predict("test")["logits"]
+    base_dir = resolve_source("smollm2-135m")[0]
+    peft_model = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), export_run(run, "peft", tmp_path / "p")
+    )
+    merged = AutoModelForCausalLM.from_pretrained(export_run(run, "merged", tmp_path / "m"))
+    for model in (peft_model, merged):
+        assert rel_err(exported_logits(model, server, "test"), want) <= 1e-4

@@ -120,13 +120,19 @@ def merged_reference_logits(
         for target, delta in deltas.items():
             proj = backbone.arch.projection(net, target)
             merge_delta(layer.get_submodule(proj.module), delta, proj.out_slice)
+    return hf_logits(net, examples, verbalizer)
+
+
+def hf_logits(net, examples: list[Encoded], verbalizer) -> torch.Tensor:
+    """Stock HF forwards (any model object: plain, PEFT-wrapped, loaded from disk), one
+    example at a time, verbalizer logits at each example's slot (N, C) on the CPU."""
     rows = []
     with torch.no_grad():
         for ex in examples:
             ids = torch.tensor([ex.input_ids], device=DEVICE)
             out = net(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             rows.append(out[0, ex.slot, verbalizer])
-    return torch.stack(rows).cpu()
+    return torch.stack(rows).float().cpu()
 
 
 def save_tiny_llama(folder, tokenizer_dir):

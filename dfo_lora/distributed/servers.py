@@ -182,6 +182,9 @@ class ServerActor:
     def peak_memory(self) -> int:
         return self.server.peak_memory()
 
+    def state_factors(self, z: np.ndarray) -> dict:
+        return self.server.state_factors(np.array(z))
+
 
 # ---------------------------------------------------------------------------------------
 # A group of replicas of one spec
@@ -450,6 +453,14 @@ class RemoteServer:
     # ------------------------------------------------------------------ state
     def get_state(self) -> np.ndarray:
         return self.z.copy()
+
+    def state_factors(self, z: np.ndarray) -> dict:
+        """Export factors of a state (the same space on every replica: ask one)."""
+        import ray
+
+        for _, handle in self.group.live_handles():
+            return ray.get(handle.state_factors.remote(np.array(z, dtype=np.float64)))
+        raise RuntimeError("no live server replica")
 
     def commit(self, layer: int, z: np.ndarray) -> None:
         z = np.array(z, dtype=np.float64).reshape(self.dim)

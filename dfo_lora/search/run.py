@@ -9,7 +9,8 @@ Output folder:
                        of the calibrated zero state (`calibrated_zero_shot`, whatever the
                        run's objective), evaluations, wall time, peak memory, versions;
 - `tuned.safetensors` z per layer of the best-dev state (+ the space's settings), which
-                       `dfo-lora eval` loads.
+                       `dfo-lora eval` loads, and the fp32 factors A, B of the best and the
+                       final state, which `dfo-lora export` writes as PEFT or merged weights.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from dfo_lora.config import TuneConfig, load_config
 from dfo_lora.errors import UserError
+from dfo_lora.export import factor_tensors
 from dfo_lora.search.callbacks import JsonlLog, ProgressBar, tensorboard_if_available
 from dfo_lora.search.checkpoint import atomic_write_bytes, load_state, save_state
 from dfo_lora.search.loop import LayerwiseSearch
@@ -155,7 +157,11 @@ def tune(
     results["versions"] = versions()
     results["server"] = {k: v for k, v in server.info().items() if k != "sigma_hat"}
     results["notes"] = server_notes(server)
-    save_tuned(out / "tuned.safetensors", search.best_dev_z, config)
+    factors = {
+        **factor_tensors(server.state_factors(search.best_dev_z), "best"),
+        **factor_tensors(server.state_factors(server.get_state()), "final"),
+    }
+    save_tuned(out / "tuned.safetensors", search.best_dev_z, config, factors)
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, sort_keys=True).encode())
     return results
 
@@ -181,11 +187,30 @@ def server_notes(server) -> list[str]:
     return list(server.info().get("notes", []))
 
 
-def save_tuned(path: Path, z: np.ndarray, config: TuneConfig) -> None:
-    """The tuned state: z per layer; the config (in metadata) rebuilds the same projections."""
+def save_tuned(
+    path: Path, z: np.ndarray, config: TuneConfig, factors: dict[str, np.ndarray] | None = None
+) -> None:
+    """The tuned state: z per layer (the config, in metadata, rebuilds the same
+    projections) and the fp32 factors of the best and final states, for `export`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"z": np.ascontiguousarray(z)}, str(tmp), metadata={"config": config.to_yaml()})
+    arrays = {"z": np.ascontiguousarray(z), **(factors or {})}
+    save_file(arrays, str(tmp), metadata={"config": config.to_yaml()})
     tmp.replace(path)
+
+
+def load_tuned_factors(run_dir: Path, state: str = "best"):
+    """The fp32 factors of a run's best or final state and its config, for `export`."""
+    from dfo_lora.export import read_factors
+
+    _, config = load_tuned(run_dir)
+    tensors = load_file(str(run_dir / "tuned.safetensors"))
+    if not any(key.startswith(("best.", "final.")) for key in tensors):
+        if np.any(tensors["z"]):
+            raise UserError(
+                f"export: {run_dir}/tuned.safetensors holds z only (tuned before exports "
+                f"existed); re-run it: dfo-lora tune --config {run_dir}/config.yaml --out NEW"
+            )
+    return read_factors(tensors, state), config
 
 
 def load_tuned(run_dir: Path) -> tuple[np.ndarray, TuneConfig]:

@@ -306,6 +306,18 @@ class EvaluationServer:
     def get_state(self) -> np.ndarray:
         return self.z.copy()
 
+    def state_factors(self, z: np.ndarray) -> dict[str, np.ndarray]:
+        """fp32 factors of a state z (L, d), for export: "<layer>.<target>.A" (r, in) and
+        ".B" (out, r) of every layer whose z is not zero. The committed state is untouched."""
+        z = np.asarray(z, dtype=np.float64)
+        out = {}
+        for layer in np.flatnonzero(np.any(z != 0, axis=1)):
+            row = torch.from_numpy(z[layer])[None]
+            for target, (a, b) in self.space.factors(int(layer), row, torch.float32).items():
+                out[f"{layer}.{target}.A"] = a[0].cpu().numpy()
+                out[f"{layer}.{target}.B"] = b[0].cpu().numpy()
+        return out
+
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
     def _advance_cache(self, layer: int) -> list[torch.Tensor]:

@@ -1,0 +1,180 @@
+"""`dfo-lora export RUN --format peft|merged [--state best|final] --out DIR`.
+
+A tuned LoRA state is a set of factor pairs: for each layer and target, A (r, in) and
+B (out, r), delta = B @ A added to the projection's weight. `tune` stores them in fp32 in
+`tuned.safetensors` (keys `<state>.<layer>.<target>.A|B`, state `best` = the dev-selected
+state, `final` = the last searched one), so an export needs the base model only, not the
+data or the projections' statistics.
+
+- `peft`: a folder that `PeftModel.from_pretrained(base, DIR)` loads: `adapter_config.json`
+  (the registry's module names as `target_modules`, `r`, and `lora_alpha = r` so peft's
+  scaling alpha / r is 1) and `adapter_model.safetensors`. A fused module (GPT-2's
+  `c_attn` holds q, k and v) gets one LoRA whose B is zero outside each target's slice of
+  its output, with rank r per target it holds (`rank_pattern`).
+- `merged`: the base model with every delta added to its weights, saved with its
+  tokenizer: loadable by `AutoModelForCausalLM` / `AutoModelForMaskedLM.from_pretrained`.
+
+Both are written in fp32 into a staging folder and renamed into place, so a failed export
+leaves nothing behind. A state that is the unmodified model (z = 0 everywhere, e.g. a run
+whose dev selection kept the zero state) exports as a LoRA of zeros on the run's targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dfo_lora.errors import UserError
+
+FORMATS = ("peft", "merged")
+STATES = ("best", "final")
+Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, target) -> (A, B)
+
+
+def factor_tensors(factors: dict[str, np.ndarray], state: str) -> dict[str, np.ndarray]:
+    """A server's `state_factors` ("<layer>.<target>.A|B") as entries of one state."""
+    return {f"{state}.{key}": np.ascontiguousarray(value) for key, value in factors.items()}
+
+
+def read_factors(tensors: dict[str, np.ndarray], state: str) -> Factors:
+    factors: Factors = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0] == state and parts[3] == "A":
+            layer, target = int(parts[1]), parts[2]
+            b = tensors[f"{state}.{layer}.{target}.B"]
+            factors[(layer, target)] = (torch.from_numpy(value), torch.from_numpy(b))
+    return factors
+
+
+def _layer_prefix(model: nn.Module, arch) -> str:
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(arch.layers(model))]
+
+
+def merge_into(model: nn.Module, arch, factors: Factors) -> None:
+    """Add every B @ A into the model's weights (fused modules: into the target's slice)."""
+    from dfo_lora.lowrank import merge_delta
+
+    layers = arch.layers(model)
+    for (layer, target), (a, b) in factors.items():
+        proj = arch.projection(model, target)
+        merge_delta(layers[layer].get_submodule(proj.module), b @ a, proj.out_slice)
+
+
+def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
+    """(target module names, {module: (A, B)} of the fused LoRA per module, rank pattern)."""
+    from dfo_lora.lowrank.layer import projection_shape
+
+    prefix = _layer_prefix(model, arch)
+    per_module: dict[str, list] = {}
+    for (layer, target), (a, b) in sorted(factors.items()):
+        proj = arch.projection(model, target)
+        name = f"{prefix}.{layer}.{proj.module}"
+        per_module.setdefault(name, []).append((proj, a, b))
+    weights, ranks = {}, {}
+    for name, parts in per_module.items():
+        out_features = projection_shape(model.get_submodule(name))[1]
+        a_full = torch.cat([a for _, a, _ in parts])  # (k*r, in)
+        b_full = torch.zeros(out_features, rank * len(parts))
+        for i, (proj, _, b) in enumerate(parts):
+            start, stop = proj.out_slice or (0, out_features)
+            b_full[start:stop, i * rank : (i + 1) * rank] = b
+        weights[name] = (a_full, b_full)
+        if len(parts) > 1:
+            ranks[name] = rank * len(parts)
+    return weights, ranks
+
+
+def zero_factors(model: nn.Module, arch, targets, rank: int) -> Factors:
+    """Factors of the zero state for every layer and target: a LoRA that changes nothing
+    (what a run whose dev-selected state is the unmodified model exports)."""
+    from dfo_lora.lowrank.layer import projection_shape
+
+    factors = {}
+    for index, layer in enumerate(arch.layers(model)):
+        for target in targets:
+            proj = arch.projection(model, target)
+            in_features, out_features = projection_shape(layer.get_submodule(proj.module))
+            if proj.out_slice is not None:
+                out_features = proj.out_slice[1] - proj.out_slice[0]
+            factors[(index, target)] = (
+                torch.zeros(rank, in_features),
+                torch.zeros(out_features, rank),
+            )
+    return factors
+
+
+def save_peft(model: nn.Module, arch, factors: Factors, rank: int, out: Path, base: str) -> None:
+    """A PEFT LoRA adapter folder equal to the factors (scaling 1)."""
+    import peft
+
+    weights, ranks = peft_weights(model, arch, factors, rank)
+    conv1d = any(not isinstance(model.get_submodule(n), nn.Linear) for n in weights)
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(weights),
+        rank_pattern={f"^{n}$": r for n, r in ranks.items()},
+        alpha_pattern={f"^{n}$": r for n, r in ranks.items()},
+        lora_dropout=0.0,
+        fan_in_fan_out=conv1d,
+        bias="none",
+        base_model_name_or_path=base,
+    )
+    peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, (a, b) in weights.items():
+            module = peft_model.base_model.model.get_submodule(name)
+            module.lora_A["default"].weight.copy_(a)
+            module.lora_B["default"].weight.copy_(b)
+    peft_model.save_pretrained(str(out))
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, state: str = "best") -> Path:
+    """Export a finished run's tuned state (checks first, then writes `out` atomically)."""
+    from dfo_lora.backbone import load_backbone
+    from dfo_lora.backbone.loading import resolve_source
+    from dfo_lora.search.run import load_tuned_factors
+
+    run_dir, out = Path(run_dir), Path(out)
+    if fmt not in FORMATS:
+        raise UserError(f"export: format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if state not in STATES:
+        raise UserError(f"export: state {state!r} is not one of {', '.join(STATES)}")
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"export: {run_dir} has no results.json (the run has not finished)")
+    if out.exists():
+        raise UserError(f"export: {out} exists; choose a new --out folder")
+    factors, config = load_tuned_factors(run_dir, state)
+    if fmt == "peft":
+        from dfo_lora.baselines.lora import require_peft
+
+        require_peft("export --format peft")
+    backbone = load_backbone(config.model, "fp32", "cpu")
+    model, arch = backbone.model, backbone.arch
+    if not factors:  # the state is the unmodified model: an adapter that changes nothing
+        factors = zero_factors(model, arch, config.targets, config.rank)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if fmt == "peft":
+            save_peft(model, arch, factors, config.rank, staging, resolve_source(config.model)[0])
+        else:
+            merge_into(model, arch, factors)
+            model.save_pretrained(staging, safe_serialization=True)
+            backbone.tokenizer.save_pretrained(staging)
+        note = {"run": str(run_dir.resolve()), "format": fmt, "state": state}
+        (staging / "dfo_lora_export.json").write_text(json.dumps(note, indent=2))
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
