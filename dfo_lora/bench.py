@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dfo_lora.errors import UserError
 from dfo_lora.lowrank import AdaptedProjection, merge_delta
 from dfo_lora.server import EvaluationServer, per_example_loss
 from dfo_lora.server.factory import ServerSpec, build_server
@@ -220,11 +221,11 @@ def gradient_step(server: EvaluationServer, seed: int) -> dict | None:
     from types import SimpleNamespace
 
     from dfo_lora.baselines.common import train_loss
-    from dfo_lora.baselines.lora import add_lora
+    from dfo_lora.baselines.lora import add_lora, require_peft
 
     try:
-        import peft  # noqa: F401
-    except ImportError:
+        require_peft("bench")
+    except UserError:
         return None
     device = server.backbone.device
     ctx = SimpleNamespace(server=server, notes=[], config=SimpleNamespace(seed=seed))

@@ -54,7 +54,8 @@ def read_factors(tensors: dict[str, np.ndarray], state: str) -> Factors:
     return factors
 
 
-def _layer_prefix(model: nn.Module, arch) -> str:
+def layer_prefix(model: nn.Module, arch) -> str:
+    """The dotted name of the model's layer list (`model.layers`, `transformer.h`, ...)."""
     names = {id(m): n for n, m in model.named_modules()}
     return names[id(arch.layers(model))]
 
@@ -73,7 +74,7 @@ def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
     """(target module names, {module: (A, B)} of the fused LoRA per module, rank pattern)."""
     from dfo_lora.lowrank.layer import projection_shape
 
-    prefix = _layer_prefix(model, arch)
+    prefix = layer_prefix(model, arch)
     per_module: dict[str, list] = {}
     for (layer, target), (a, b) in sorted(factors.items()):
         proj = arch.projection(model, target)

@@ -41,8 +41,9 @@ def require_peft(method: str):
 def lora_modules(server, targets: list[str]) -> tuple[list[str], list[str]]:
     """Full module names to adapt (every layer x target) and notes on fused modules."""
     model, arch = server.model, server.arch
-    names_of = {id(m): n for n, m in model.named_modules()}
-    prefix = names_of[id(server.layers)]
+    from dfo_lora.export import layer_prefix
+
+    prefix = layer_prefix(model, arch)
     names: list[str] = []
     fused: dict[str, list[str]] = {}
     for index in range(len(server.layers)):

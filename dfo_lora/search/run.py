@@ -202,8 +202,7 @@ def load_tuned_factors(run_dir: Path, state: str = "best"):
     """The fp32 factors of a run's best or final state and its config, for `export`."""
     from dfo_lora.export import read_factors
 
-    _, config = load_tuned(run_dir)
-    tensors = load_file(str(run_dir / "tuned.safetensors"))
+    tensors, config = _read_tuned(run_dir)
     if not any(key.startswith(("best.", "final.")) for key in tensors):
         if np.any(tensors["z"]):
             raise UserError(
@@ -214,6 +213,12 @@ def load_tuned_factors(run_dir: Path, state: str = "best"):
 
 
 def load_tuned(run_dir: Path) -> tuple[np.ndarray, TuneConfig]:
+    tensors, config = _read_tuned(run_dir)
+    return tensors["z"], config
+
+
+def _read_tuned(run_dir: Path) -> tuple[dict[str, np.ndarray], TuneConfig]:
+    """Every array of tuned.safetensors and the run's config from its metadata."""
     path = run_dir / "tuned.safetensors"
     if not path.is_file():
         raise UserError(f"eval: {path} does not exist (is {run_dir} a finished run?)")
@@ -225,4 +230,4 @@ def load_tuned(run_dir: Path) -> tuple[np.ndarray, TuneConfig]:
     config = TuneConfig()
     for key, value in values.items():
         setattr(config, key, value)
-    return load_file(str(path))["z"], config.validate()
+    return load_file(str(path)), config.validate()
