@@ -28,6 +28,7 @@ GROUPS = {
         "max_length",
         "dtype",
         "device",
+        "trust_remote_code",
     ],
     "search space": [
         "targets",

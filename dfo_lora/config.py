@@ -59,6 +59,9 @@ class TuneConfig:
     max_length: int = opt(256, "tokens per example; the text is cut, never the template")
     dtype: str = opt("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 where native, else fp32)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    trust_remote_code: bool = opt(
+        False, "run a model folder's own modelling code (config.json auto_map); off unless asked"
+    )
     # ---- search space
     targets: list[str] = opt(["q", "k"], "adapted projections")
     rank: int = opt(4, "r of every LoRA factor pair")
@@ -215,6 +218,7 @@ class TuneConfig:
             seed=self.seed,
             dtype=self.dtype,
             device=self.device,
+            trust_remote_code=self.trust_remote_code,
             max_length=self.max_length,
             test_limit=self.test_limit,
             loss=self.loss,

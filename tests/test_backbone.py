@@ -48,3 +48,56 @@ def test_local_folder_loads_frozen(tiny_llama_dir):
     assert backbone.num_layers == 3 and backbone.causal
     assert not any(p.requires_grad for p in backbone.model.parameters())
     assert not backbone.model.training
+
+
+def test_folder_with_unknown_model_type_or_custom_code_is_one_line(tmp_path):
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
+    with pytest.raises(UserError, match="model_type 'not_a_model' is unknown to transformers"):
+        load_backbone(str(unknown), device="cpu")
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(
+        json.dumps({"model_type": "my_net", "auto_map": {"AutoConfig": "conf.MyConfig"}})
+    )
+    with pytest.raises(UserError, match="pass --trust-remote-code true") as err:
+        load_backbone(str(custom), device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_gguf_of_an_unreadable_architecture_fails_before_conversion(tmp_path, monkeypatch):
+    from gguf import GGUFWriter
+
+    monkeypatch.setenv("DFO_LORA_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    writer = GGUFWriter(str(path), "rwkv6")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="architecture 'rwkv6', which transformers cannot read"):
+        load_backbone(str(path), device="cpu")
+    assert not (tmp_path / "cache").exists()  # nothing converted, nothing half-written
+
+
+def test_layers_and_projections_that_cannot_be_found_fail_at_load():
+    from types import SimpleNamespace
+
+    import transformers
+
+    from dfo_lora.backbone import prepare_backbone
+    from tests.tiny_models import tiny_model
+
+    tok = SimpleNamespace(pad_token_id=1, eos_token_id=1)
+    net = tiny_model("llama").model
+    del net.model.layers[2]  # config says 3 layers, the model holds 2
+    with pytest.raises(UserError, match="cannot find the layers of llama"):
+        prepare_backbone(net, tok, "cut", torch.device("cpu"))
+    # Falcon fuses q, k and v into one module the registry has no entry for.
+    config = transformers.FalconConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2
+    )
+    with pytest.raises(UserError, match="cannot find the q/k/v projections of falcon") as err:
+        prepare_backbone(transformers.FalconForCausalLM(config), tok, "f", torch.device("cpu"))
+    assert "query_key_value" in str(err.value) and "\n" not in str(err.value)

@@ -194,3 +194,10 @@ def test_eval_scores_a_finished_run(tmp_path, base_args):
     assert zero["accuracy"] == pytest.approx(results["zero_shot"]["test"]["accuracy"])
     line = one_line_error(run_cli("eval", tmp_path / "none"))
     assert "tuned.safetensors" in line
+
+
+def test_tune_on_an_unknown_model_type_is_one_line_exit_2(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "not_a_model"}')
+    line = one_line_error(run_cli("tune", "--model", tmp_path, "--out", tmp_path / "run"))
+    assert "not_a_model" in line and "config.json" in line
+    assert not (tmp_path / "run").exists()

@@ -9,11 +9,20 @@ import torch
 from dfo_lora.errors import UserError
 from dfo_lora.lowrank import LowRankConfig, clipped_std
 from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
-from tests.tiny_models import DEVICE, merged_reference_logits, random_examples, tiny_model
+from tests.tiny_models import (
+    ARCHS,
+    DEVICE,
+    merged_reference_logits,
+    random_examples,
+    tiny_model,
+)
 
-ARCHS = ["llama", "gpt2", "roberta", "bert"]
 VERBALIZER = [7, 11, 13]
 RTOL = 1e-4
+# bf16 keeps 8 bits of mantissa (0.4% per rounding); through 3 random layers with large
+# deltas the losses of two bf16 computations differ by up to 6.2% (AMX CPU, 12 families).
+# A wrong stack entry or delta changes them by far more.
+BF16_RTOL = 0.1
 
 
 def make_server(
@@ -25,8 +34,9 @@ def make_server(
     seed=0,
     a_factor="searched",
     b_basis="random",
+    dtype=torch.float32,
 ):
-    backbone = tiny_model(arch, seed)
+    backbone = tiny_model(arch, seed, dtype)
     splits = {
         "train": random_examples(backbone, n_train, seed=1),
         "dev": random_examples(backbone, 7, seed=2),
@@ -70,6 +80,15 @@ def test_score_equals_merged_hf_forward(arch, targets):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_score_equals_merged_hf_forward_in_bf16(arch):
+    """`--dtype auto` runs bf16 on AMX/avx512_bf16 CPUs: the fast paths stay within bf16
+    rounding of the merged forward there too (the reference merges B @ A into bf16
+    weights, the server adds it in a separate bf16 matmul: different roundings)."""
+    server, splits = make_server(arch, ("q", "v"), dtype=torch.bfloat16)
+    _check_score_against_reference(server, splits, rtol=BF16_RTOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(("a_factor", "b_basis"), [("pca", "random"), ("random", "pca")])
 def test_data_informed_spaces_equal_merged_hf_forward(arch, a_factor, b_basis):
     server, splits = make_server(arch, ("q", "v", "o"), a_factor=a_factor, b_basis=b_basis)
@@ -93,8 +112,8 @@ def test_output_basis_keeps_b_in_the_top_output_directions(arch):
         assert cov.shape[0] == b.shape[0]  # the slice's own output covariance
 
 
-RESIDUAL_WRITERS = {"llama": ("o", "down"), "gpt2": ("o", "proj"), "roberta": ("o", "output")}
-RESIDUAL_WRITERS["bert"] = RESIDUAL_WRITERS["roberta"]
+RESIDUAL_WRITERS = {arch: ("o", "down") for arch in ARCHS}
+RESIDUAL_WRITERS.update(gpt2=("o", "proj"), roberta=("o", "output"), bert=("o", "output"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -159,7 +178,7 @@ def test_pca_a_factor_whitens_the_module_input():
     assert moments.cov.shape == (server.adapted[1]["o"].shape[0],) * 2
 
 
-def _check_score_against_reference(server, splits):
+def _check_score_against_reference(server, splits, rtol=RTOL):
     rng = np.random.default_rng(0)
     # Commit other layers first so the check covers committed deltas above and below.
     server.commit(0, rng.normal(size=server.dim))
@@ -168,13 +187,16 @@ def _check_score_against_reference(server, splits):
     cands = rng.normal(size=(5, server.dim))
     got = server.score(layer, cands)["loss"]
     want = reference_losses(server, server.get_state(), layer, cands, splits["train"])
-    assert rel_err(got, want) <= RTOL, (got, want)
-    assert np.ptp(got) > 1e-4  # the candidates really differ
+    assert rel_err(got, want) <= rtol, (got, want)
+    assert np.ptp(got) > 2 * rtol * np.max(np.abs(want))  # the candidates really differ
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_fused_and_mlp_targets(arch):
-    targets = ("q", "k", "v", "o", "gate", "down") if arch == "llama" else ("q", "v", "o", "fc")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_projection_at_once(arch):
+    """All of a family's targets (fused q/k/v and gate/up slices, MLPs that flatten their
+    input, masked LMs' dense layers) in one space."""
+    backbone = tiny_model(arch)
+    targets = tuple(backbone.arch.projections(backbone.model))
     server, splits = make_server(arch, targets)
     rng = np.random.default_rng(1)
     cands = rng.normal(size=(3, server.dim))
@@ -219,7 +241,7 @@ def test_zero_vector_is_the_unmodified_model(arch):
     assert abs(got - want) <= RTOL * abs(want)
 
 
-@pytest.mark.parametrize("arch", ["llama", "roberta"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_predict_matches_reference_after_commits(arch):
     server, splits = make_server(arch)
     rng = np.random.default_rng(3)

@@ -12,13 +12,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import transformers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     RobertaConfig,
     RobertaForMaskedLM,
 )
@@ -39,21 +38,60 @@ class Encoded:
     label: int
 
 
-def tiny_model(arch: str, seed: int = 0):
+# The decoder families built like Llama (rotary, grouped-query attention): config and
+# model class names in transformers, and what each adds to the common shape.
+DECODERS: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    # sliding-window and global layers, scaled embeddings, soft-capped logits
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 8,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "final_logit_softcapping": 3.0,
+            "query_pre_attn_scalar": 8,
+        },
+    ),
+}
+# Every tiny architecture the exactness tests run on; "-eager" builds use eager attention.
+ARCHS = [*DECODERS, "gemma3-eager", "opt", "gpt2", "roberta", "bert"]
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     # A larger init than HF's 0.02 so that low-rank deltas visibly change the outputs.
     common = dict(vocab_size=VOCAB, pad_token_id=PAD, initializer_range=0.2)
-    if arch == "llama":
-        cfg = LlamaConfig(
+    arch, _, attention = arch.partition("-")
+    if arch in DECODERS:
+        config_name, model_name, extra = DECODERS[arch]
+        cfg = getattr(transformers, config_name)(
             hidden_size=32,
             intermediate_size=48,
             num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=64,
-            **common,
+            **{**common, **extra},
         )
-        net = LlamaForCausalLM(cfg)
+        net = getattr(transformers, model_name)(cfg)
+    elif arch == "opt":
+        cfg = transformers.OPTConfig(
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=24,  # exercises project_in / project_out
+            **{**common, "init_std": 0.2},
+        )
+        net = transformers.OPTForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
         net = GPT2LMHeadModel(cfg)
@@ -79,8 +117,8 @@ def tiny_model(arch: str, seed: int = 0):
         net = BertForMaskedLM(cfg)
     else:
         raise ValueError(arch)
-    net.config._attn_implementation = "sdpa"
-    net = net.float()
+    net.config._attn_implementation = attention or "sdpa"
+    net = net.to(dtype)
     tok = SimpleNamespace(pad_token_id=PAD, eos_token_id=PAD)
     return prepare_backbone(net, tok, f"tiny-{arch}", DEVICE)
 
@@ -142,7 +180,7 @@ def save_tiny_llama(folder, tokenizer_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -153,6 +191,6 @@ def save_tiny_llama(folder, tokenizer_dir):
         initializer_range=0.2,
         tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -140,6 +140,50 @@ def converted_gguf_folder(gguf: Path, name: str) -> Path:
     return target
 
 
+def check_gguf_architecture(path: Path) -> None:
+    """One line if transformers cannot read this GGUF's architecture (header only)."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, OSError) as exc:
+        raise UserError(f"model: {path} is not a readable GGUF file ({exc})") from None
+    known = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if arch not in known and arch.replace("moe", "_moe") not in known:
+        raise UserError(
+            f"model: {path} is a GGUF of architecture {arch!r}, which transformers "
+            f"cannot read (it reads {', '.join(known)})"
+        )
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool) -> None:
+    """One line, before any weights load, for a config.json that cannot be driven: custom
+    code without the flag, a model_type transformers does not know, or one dfo-lora does not."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        model_type = config.get("model_type")
+    except (ValueError, AttributeError) as exc:
+        raise UserError(f"model: {folder / 'config.json'} is not a JSON object ({exc})") from None
+    if "auto_map" in config and not trust_remote_code:
+        raise UserError(
+            f"model: {folder} ships its own modelling code (config.json auto_map); "
+            "pass --trust-remote-code true to run it (it runs Python from that folder)"
+        )
+    if model_type not in CONFIG_MAPPING_NAMES and "auto_map" not in config:
+        raise UserError(
+            f"model: {folder / 'config.json'}: model_type {model_type!r} is unknown to "
+            "transformers (upgrade transformers, or check the folder)"
+        )
+    if model_type in CONFIG_MAPPING_NAMES:
+        architecture_for(model_type)
+
+
 def resolve_source(model: str) -> tuple[str, str]:
     """Map a model argument to (path or hub id, display name)."""
     if model in PRESETS:
@@ -148,6 +192,7 @@ def resolve_source(model: str) -> tuple[str, str]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model: GGUF file {model} does not exist")
+        check_gguf_architecture(path)  # before the (slow) conversion starts
         return str(converted_gguf_folder(path, path.stem)), path.stem
     if path.exists():
         if not (path / "config.json").is_file():
@@ -174,13 +219,17 @@ def load_backbone(
 
     quiet_transformers()
     source, name = resolve_source(model)
+    if Path(source).is_dir():
+        check_model_folder(Path(source), trust_remote_code)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing, offline, custom code without the flag
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = f" (presets: {', '.join(PRESETS)})" if "/" not in model else ""
+        if "trust_remote_code" in str(exc):
+            first = "it ships its own modelling code; pass --trust-remote-code true to run it"
         raise UserError(f"model: cannot load {model!r}{hint}: {first}") from None
     arch = architecture_for(config.model_type)
     auto_cls = AutoModelForCausalLM if arch.causal else AutoModelForMaskedLM
@@ -196,8 +245,14 @@ def load_backbone(
 
 
 def prepare_backbone(net: nn.Module, tokenizer, name: str, device: torch.device) -> Backbone:
-    """Freeze a loaded model and wrap it as a Backbone (also used for in-memory test models)."""
+    """Freeze a loaded model and wrap it as a Backbone (also used for in-memory test models).
+
+    The layer list and the projections are discovered here, so a model the registry cannot
+    drive fails at load with one line, not in the middle of a run.
+    """
     arch = architecture_for(net.config.model_type)
+    arch.layers(net)
+    arch.projections(net)
     net.eval().requires_grad_(False).to(device)
     dtype = next(net.parameters()).dtype
     return Backbone(

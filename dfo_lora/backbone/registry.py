@@ -1,23 +1,33 @@
 """The one registry of architecture knowledge.
 
-Everything that depends on how a Hugging Face architecture is laid out lives here and
-nowhere else: where the layer list is, which modules are the q/k/v/o (and MLP)
-projections, how to enter the layer stack at layer l with a cached hidden state, and how
-the verbalizer logits are computed at the slot position. The rest of the code talks to
-an `Architecture` and never to a model's attributes.
+Most of what the server needs from a Hugging Face model is discovered, not listed:
 
-Supported: Llama family (llama, qwen2, mistral — SmolLM2 is llama), GPT-2, RoBERTa and
-BERT (masked LM). Any other `config.model_type` raises a one-line `UserError`.
+- the layer list: the model's `nn.ModuleList` with `num_hidden_layers` entries;
+- entering the stack at layer l: recorded from the model's own forward (`stack.py`), so
+  rotary tables, sliding-window masks, scaled embeddings and position ids are whatever
+  the model computes;
+- the q/k/v/o and MLP projections: from the first layer's module names (`q_proj`,
+  `query`, `out_proj`, `fc1`, `dense_h_to_4h`, ...), as PEFT's target-module mapping
+  names them;
+- the verbalizer head: the final norm (the one norm outside the layers), the output
+  embeddings, and Gemma's logit soft-capping where the config sets it.
+
+Per-architecture entries remain only for what cannot be discovered: fused projections
+(GPT-2's `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`, GPT-NeoX's interleaved
+`query_key_value`), masked-LM heads (RoBERTa, BERT) and OPT's head (its final norm and
+output projection live under `decoder`). A model that still cannot be handled fails with
+one line saying what is missing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from dfo_lora.backbone.stack import StackInputs, enter
 from dfo_lora.errors import UserError
 
 
@@ -40,50 +50,66 @@ class Projection:
     writes_residual: bool = False
 
 
-@dataclass
-class StackInputs:
-    """What the layers need besides the hidden state, for one padded batch.
+# Leaf names of the projections a layer holds, per target, as the families name them.
+PROJECTION_NAMES: dict[str, tuple[str, ...]] = {
+    "q": ("q_proj", "query", "q_lin"),
+    "k": ("k_proj", "key", "k_lin"),
+    "v": ("v_proj", "value", "v_lin"),
+    "o": ("o_proj", "out_proj", "out_lin"),
+    "gate": ("gate_proj",),
+    "up": ("up_proj", "fc1", "dense_h_to_4h", "fc_in"),
+    "down": ("down_proj", "fc2", "dense_4h_to_h", "fc_out"),
+}
+READS_LAYER_INPUT = ("q", "k", "v")
+WRITES_RESIDUAL = ("o", "down")
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
+NOT_LANGUAGE = ("vision", "visual", "image", "audio")  # multimodal towers' layer lists
 
-    `attention_mask` is None for causal models (right padding + causal attention never
-    lets a real token see a pad); masked LMs get an additive (B, 1, 1, T) mask.
-    """
-
-    attention_mask: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
-
-    def repeat(self, times: int) -> StackInputs:
-        """The same inputs for a batch stacked `times` over (candidates x examples)."""
-        mask = self.attention_mask
-        if mask is not None and times > 1:
-            mask = mask.repeat(times, 1, 1, 1)
-        extra = {k: _repeat_batch(v, times) for k, v in self.extra.items()}
-        return StackInputs(attention_mask=mask, extra=extra)
-
-
-def _repeat_batch(value, times: int):
-    if times == 1:
-        return value
-    if isinstance(value, tuple):
-        return tuple(_repeat_batch(v, times) for v in value)
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] > 1:
-        return value.repeat(times, *([1] * (value.dim() - 1)))
-    return value  # batch-broadcast tensors (leading dim 1) need no copy
+Head = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+HeadRows = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to drive one family of HF models layer by layer."""
+    """How to drive one family of HF models layer by layer.
+
+    Fields left None are discovered from the model (module docstring).
+    """
 
     name: str
-    causal: bool
-    layers: Callable[[nn.Module], nn.ModuleList]
-    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # ids (B, T) -> layer-0 input
-    word_embeddings: Callable[[nn.Module], torch.Tensor]  # (V, H), for layer 0's sigma_hat
-    stack_inputs: Callable[[nn.Module, torch.Tensor, torch.Tensor], StackInputs]
-    run_layer: Callable[[nn.Module, torch.Tensor, StackInputs], torch.Tensor]
-    head_transform: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (B, H) -> (B, H')
-    head_rows: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
-    projections: Callable[[nn.Module], dict[str, Projection]]  # from the model config
+    causal: bool = True
+    fused_projections: Callable[[nn.Module], dict[str, Projection]] | None = None
+    head_transform: Head | None = None  # (B, H) last-layer output -> head input
+    head_rows: HeadRows | None = None  # (V, H') output embeddings and bias
+
+    # ------------------------------------------------------------ the stack
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The model's decoder (or encoder) layer list."""
+        return _find_layers(model, self.name)
+
+    def enter(
+        self, model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, StackInputs]:
+        """Layer 0's input for a right-padded batch and every layer's extra arguments."""
+        mask = None if self.causal else attention_mask
+        return enter(model, self.layers(model), ids, mask)
+
+    @staticmethod
+    def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: StackInputs) -> torch.Tensor:
+        return inputs.call(layer, hidden)
+
+    def word_embeddings(self, model: nn.Module) -> torch.Tensor:
+        """(V, H) what the input embedding module gives each token (with any scaling)."""
+        embedding = model.get_input_embeddings()
+        ids = torch.arange(embedding.num_embeddings, device=embedding.weight.device)
+        with torch.no_grad():
+            return embedding(ids)
+
+    # ------------------------------------------------------------ projections
+    def projections(self, model: nn.Module) -> dict[str, Projection]:
+        if self.fused_projections is not None:
+            return self.fused_projections(model)
+        return _discover_projections(self.layers(model)[0], self.name)
 
     def projection(self, model: nn.Module, target: str) -> Projection:
         table = self.projections(model)
@@ -94,69 +120,94 @@ class Architecture:
             )
         return table[target]
 
+    # ------------------------------------------------------------ head
     def verbalizer_logits(
         self, model: nn.Module, hidden_at_slot: torch.Tensor, token_ids: torch.Tensor
     ) -> torch.Tensor:
         """Logits of the verbalizer tokens only: (B, H) -> (B, V_verb), never the full vocab."""
-        hidden = self.head_transform(model, hidden_at_slot)
-        weight, bias = self.head_rows(model)
+        transform = self.head_transform or _final_norm(model, self)
+        hidden = transform(model, hidden_at_slot)
+        weight, bias = (self.head_rows or _output_rows)(model)
         logits = hidden @ weight[token_ids].T
         if bias is not None:
             logits = logits + bias[token_ids]
+        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:  # Gemma: logits = cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
         return logits
 
 
-def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
-    return root.get_submodule(dotted)
+# ---------------------------------------------------------------- discovery
+def _find_layers(model: nn.Module, arch: str) -> nn.ModuleList:
+    count = model.config.get_text_config().num_hidden_layers
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == count
+        and not any(word in name for word in NOT_LANGUAGE)
+    ]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(n for n, _ in found)})"
+        raise UserError(
+            f"cannot find the layers of {arch}: {what} module lists of num_hidden_layers = "
+            f"{count} entries; add an entry to dfo_lora/backbone/registry.py"
+        )
+    return found[0][1]
 
 
-# ---------------------------------------------------------------- Llama family
-def _llama_stack_inputs(model, ids, attention_mask) -> StackInputs:
-    # Rotary tables are per position; every sequence is right-padded from 0.
-    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    probe = model.model.embed_tokens.weight[:1].unsqueeze(0)  # dtype/device carrier
-    cos, sin = model.model.rotary_emb(probe, positions)
-    return StackInputs(attention_mask=None, extra={"position_embeddings": (cos, sin)})
+def _discover_projections(layer: nn.Module, arch: str) -> dict[str, Projection]:
+    # By leaf name, whatever the module is now: adapters (ours, peft's) wrap the Linear
+    # under the same name.
+    by_leaf: dict[str, list[str]] = {}
+    for name, _ in layer.named_modules():
+        by_leaf.setdefault(name.rpartition(".")[2], []).append(name)
+    table = {}
+    for target, leaves in PROJECTION_NAMES.items():
+        paths = [path for leaf in leaves for path in by_leaf.get(leaf, [])]
+        if target == "o" and not paths:  # GPT-NeoX, Falcon: the attention's `dense`
+            paths = [p for p in by_leaf.get("dense", []) if "attention" in p or "attn" in p]
+        if len(paths) == 1:
+            table[target] = Projection(
+                paths[0],
+                reads_layer_input=target in READS_LAYER_INPUT,
+                writes_residual=target in WRITES_RESIDUAL,
+            )
+    missing = [t for t in ("q", "k", "v", "o") if t not in table]
+    if missing:
+        linear = sorted(n for n, m in layer.named_modules() if isinstance(m, nn.Linear))
+        raise UserError(
+            f"cannot find the {'/'.join(missing)} projections of {arch} among its layer's "
+            f"linear modules ({', '.join(linear)}); add an entry to "
+            "dfo_lora/backbone/registry.py"
+        )
+    return table
 
 
-def _llama_run_layer(layer, hidden, inputs: StackInputs):
-    return layer(
-        hidden, attention_mask=None, position_embeddings=inputs.extra["position_embeddings"]
-    )
+def _final_norm(model: nn.Module, arch: Architecture) -> Head:
+    layers_name = {id(m): n for n, m in model.named_modules()}[id(arch.layers(model))]
+    norms = [
+        module
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] in FINAL_NORM_NAMES
+        and not name.startswith(layers_name + ".")
+        and not any(word in name for word in NOT_LANGUAGE)
+    ]
+    if len(norms) != 1:
+        raise UserError(
+            f"cannot find the final norm of {arch.name} ({len(norms)} candidates named "
+            f"{', '.join(FINAL_NORM_NAMES)}); add an entry to dfo_lora/backbone/registry.py"
+        )
+    norm = norms[0]
+    return lambda m, h: norm(h)
 
 
-def _llama_projections(model) -> dict[str, Projection]:
-    return {
-        "q": Projection("self_attn.q_proj", reads_layer_input=True),
-        "k": Projection("self_attn.k_proj", reads_layer_input=True),
-        "v": Projection("self_attn.v_proj", reads_layer_input=True),
-        "o": Projection("self_attn.o_proj", writes_residual=True),
-        "gate": Projection("mlp.gate_proj"),
-        "up": Projection("mlp.up_proj"),
-        "down": Projection("mlp.down_proj", writes_residual=True),
-    }
-
-
-LLAMA = Architecture(
-    name="llama",
-    causal=True,
-    layers=lambda m: m.model.layers,
-    embed=lambda m, ids: m.model.embed_tokens(ids),
-    word_embeddings=lambda m: m.model.embed_tokens.weight,
-    stack_inputs=_llama_stack_inputs,
-    run_layer=_llama_run_layer,
-    head_transform=lambda m, h: m.model.norm(h),
-    head_rows=lambda m: (m.lm_head.weight, m.lm_head.bias),
-    projections=_llama_projections,
-)
+def _output_rows(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
 
 
 # ---------------------------------------------------------------- GPT-2
-def _gpt2_embed(model, ids):
-    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    return model.transformer.wte(ids) + model.transformer.wpe(positions)
-
-
 def _gpt2_projections(model) -> dict[str, Projection]:
     h = model.config.n_embd
     return {
@@ -170,28 +221,36 @@ def _gpt2_projections(model) -> dict[str, Projection]:
     }
 
 
-GPT2 = Architecture(
-    name="gpt2",
-    causal=True,
-    layers=lambda m: m.transformer.h,
-    embed=_gpt2_embed,
-    word_embeddings=lambda m: m.transformer.wte.weight,
-    stack_inputs=lambda m, ids, mask: StackInputs(),
-    run_layer=lambda layer, h, inputs: layer(h, attention_mask=None),
-    head_transform=lambda m, h: m.transformer.ln_f(h),
-    head_rows=lambda m: (m.lm_head.weight, None),
-    projections=_gpt2_projections,
-)
+# ---------------------------------------------------------------- Phi-3
+def _phi3_projections(model) -> dict[str, Projection]:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q = cfg.num_attention_heads * head_dim
+    kv = cfg.num_key_value_heads * head_dim
+    inter = cfg.intermediate_size
+    return {
+        # qkv_proj is [q | k | v]; gate_up_proj is [gate | up]
+        "q": Projection("self_attn.qkv_proj", (0, q), reads_layer_input=True),
+        "k": Projection("self_attn.qkv_proj", (q, q + kv), reads_layer_input=True),
+        "v": Projection("self_attn.qkv_proj", (q + kv, q + 2 * kv), reads_layer_input=True),
+        "o": Projection("self_attn.o_proj", writes_residual=True),
+        "gate": Projection("mlp.gate_up_proj", (0, inter)),
+        "up": Projection("mlp.gate_up_proj", (inter, 2 * inter)),
+        "down": Projection("mlp.down_proj", writes_residual=True),
+    }
+
+
+# ---------------------------------------------------------------- OPT
+def _opt_head(model, h):
+    decoder = model.model.decoder
+    if decoder.final_layer_norm is not None:
+        h = decoder.final_layer_norm(h)
+    if decoder.project_out is not None:
+        h = decoder.project_out(h)
+    return h
 
 
 # ---------------------------------------------------------------- BERT / RoBERTa
-def _padding_mask(model, ids, attention_mask) -> StackInputs:
-    # Additive (B, 1, 1, T) mask: 0 where attended, dtype-min on padding keys.
-    dtype = next(model.parameters()).dtype
-    keep = attention_mask[:, None, None, :].to(dtype)
-    return StackInputs(attention_mask=(1.0 - keep) * torch.finfo(dtype).min)
-
-
 def _bert_like_projections(model) -> dict[str, Projection]:
     return {
         "q": Projection("attention.self.query", reads_layer_input=True),
@@ -211,46 +270,47 @@ def _roberta_head_transform(model, h):
 ROBERTA = Architecture(
     name="roberta",
     causal=False,
-    layers=lambda m: m.roberta.encoder.layer,
-    embed=lambda m, ids: m.roberta.embeddings(input_ids=ids),
-    word_embeddings=lambda m: m.roberta.embeddings.word_embeddings.weight,
-    stack_inputs=_padding_mask,
-    run_layer=lambda layer, h, inputs: layer(h, attention_mask=inputs.attention_mask),
+    fused_projections=_bert_like_projections,
     head_transform=_roberta_head_transform,
     head_rows=lambda m: (m.lm_head.decoder.weight, m.lm_head.bias),
-    projections=_bert_like_projections,
 )
 
 BERT = Architecture(
     name="bert",
     causal=False,
-    layers=lambda m: m.bert.encoder.layer,
-    embed=lambda m, ids: m.bert.embeddings(input_ids=ids),
-    word_embeddings=lambda m: m.bert.embeddings.word_embeddings.weight,
-    stack_inputs=_padding_mask,
-    run_layer=lambda layer, h, inputs: layer(h, attention_mask=inputs.attention_mask),
+    fused_projections=_bert_like_projections,
     head_transform=lambda m, h: m.cls.predictions.transform(h),
     head_rows=lambda m: (m.cls.predictions.decoder.weight, m.cls.predictions.bias),
-    projections=_bert_like_projections,
 )
 
-
+# Families whose exactness tests pass on a tiny random model (tests/test_server_exactness.py).
 ARCHITECTURES: dict[str, Architecture] = {
-    "llama": LLAMA,
-    "qwen2": LLAMA,
-    "mistral": LLAMA,
-    "gpt2": GPT2,
+    **{
+        name: Architecture(name)
+        for name in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2")
+    },
+    "gpt2": Architecture("gpt2", fused_projections=_gpt2_projections),
+    "phi3": Architecture("phi3", fused_projections=_phi3_projections),
+    "opt": Architecture("opt", head_transform=_opt_head),
     "roberta": ROBERTA,
     "bert": BERT,
 }
 
 
 def architecture_for(model_type: str) -> Architecture:
-    """The registry entry for a `config.model_type`, or a one-line error naming it."""
-    if model_type not in ARCHITECTURES:
-        raise UserError(
-            f"unsupported architecture {model_type!r}: dfo-lora knows "
-            f"{', '.join(sorted(ARCHITECTURES))}; add an entry (layer list, q/k/v/o modules, "
-            "stack entry, verbalizer head) to dfo_lora/backbone/registry.py"
-        )
-    return ARCHITECTURES[model_type]
+    """The registry entry for a `config.model_type`.
+
+    A tested family gets its entry. Another causal LM that transformers knows is tried
+    with discovery alone (its errors say what is missing); anything else is one line.
+    """
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return Architecture(model_type)
+    raise UserError(
+        f"unsupported architecture {model_type!r}: dfo-lora drives causal LMs that "
+        f"transformers knows and the masked LMs {', '.join(n for n, a in ARCHITECTURES.items() if not a.causal)}; "
+        "add an entry (layer list, projections, head) to dfo_lora/backbone/registry.py"
+    )

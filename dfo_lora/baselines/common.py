@@ -154,14 +154,13 @@ def train_logits(server, split: str = "train") -> tuple[torch.Tensor, torch.Tens
     """Verbalizer logits (N, C) in fp32 and labels (N,) of a split, autograd allowed.
 
     The same forward as `EvaluationServer.predict` (the server's length buckets, the
-    registry's embed / run_layer / verbalizer_logits at each example's slot), in bucket
+    registry's enter / run_layer / verbalizer_logits at each example's slot), in bucket
     order; under `torch.no_grad()` it is a plain forward.
     """
     arch, model = server.arch, server.model
     logits, labels = [], []
     for bucket in server.buckets[split]:
-        hidden = arch.embed(model, bucket.input_ids)  # (n, T, H)
-        inputs = arch.stack_inputs(model, bucket.input_ids, bucket.attention_mask)
+        hidden, inputs = arch.enter(model, bucket.input_ids, bucket.attention_mask)  # (n, T, H)
         for layer in server.layers:
             hidden = arch.run_layer(layer, hidden, inputs)
         rows = torch.arange(hidden.shape[0], device=hidden.device)

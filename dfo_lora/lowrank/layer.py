@@ -94,28 +94,31 @@ class AdaptedProjection(nn.Module):
                 self._add(out, target, (x @ a.T) @ b.T)
             return out
         num_cand = next(iter(self.candidates.values()))[0].shape[0]
-        batch, seq, width = x.shape  # batch = P * n
-        n = batch // num_cand
+        # Rows are P blocks of n sequences x T positions, whether x is (P*n, T, in) or
+        # flattened to (P*n*T, in) as some MLPs (OPT's) do.
+        width = x.shape[-1]
+        rows = x.numel() // width
+        block = rows // num_cand  # n * T rows per candidate
         if self.shared_input:
-            x0 = x[:n]  # (n, T, in): every block holds this same input
-            base = self.base(x0)  # (n, T, out)
-            out = base.repeat(num_cand, 1, 1)  # (P*n, T, out), a real copy to add into
+            x0 = x.reshape(rows, width)[:block]  # every block holds this same input
+            base = self.base(x0)  # (nT, out)
+            out = base.repeat(num_cand, 1).view(*x.shape[:-1], -1)  # a real copy to add into
             x_blocks = None
         else:
             x0 = None
-            out = self.base(x)  # (P*n, T, out)
-            x_blocks = x.reshape(num_cand, n * seq, width)
+            out = self.base(x)
+            x_blocks = x.reshape(num_cand, block, width)
         for target in self.out_slices:
             if target in self.candidates:
                 a, b = self.candidates[target]  # (P, r, in), (P, out, r)
                 rank = a.shape[1]
                 if x0 is not None:  # one matmul for all candidates' A on the shared input
-                    u = x0.reshape(n * seq, width) @ a.reshape(num_cand * rank, width).T
-                    u = u.view(n * seq, num_cand, rank).transpose(0, 1)  # (P, nT, r)
+                    u = x0 @ a.reshape(num_cand * rank, width).T
+                    u = u.view(block, num_cand, rank).transpose(0, 1)  # (P, nT, r)
                 else:
                     u = torch.bmm(x_blocks, a.transpose(1, 2))  # (P, nT, r)
                 delta = torch.bmm(u, b.transpose(1, 2))  # (P, nT, out)
-                self._add(out, target, delta.reshape(batch, seq, -1))
+                self._add(out, target, delta.reshape(*x.shape[:-1], -1))
             elif target in self.committed:
                 a, b = self.committed[target]
                 self._add(out, target, (x @ a.T) @ b.T)

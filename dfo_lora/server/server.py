@@ -110,14 +110,16 @@ class EvaluationServer:
         shapes = [  # the same in every layer
             FactorShape(t, *self.adapted[0][t].target_shape(t)) for t in space.targets
         ]
-        self._stack_inputs = {
-            id(b): self.arch.stack_inputs(self.model, b.input_ids, b.attention_mask)
+        entered = {  # layer 0's input and each layer's extra arguments, per bucket
+            id(b): self.arch.enter(self.model, b.input_ids, b.attention_mask)
             for buckets in self.buckets.values()
             for b in buckets
         }
+        self._stack_inputs = {key: inputs for key, (_, inputs) in entered.items()}
         self.z = np.zeros((self.num_layers, space.intrinsic_dim))
         self._cache: list[list[torch.Tensor] | None] = [None] * (self.num_layers + 1)
-        self._cache[0] = self._embed("train")
+        self._cache[0] = [entered[id(b)][0] for b in self.buckets["train"]]
+        del entered
         self._valid_upto = 0
         sigma_hat = self._sigma_hat()
         moments = self._projection_moments(space.targets) if space.needs_moments else None
@@ -171,10 +173,6 @@ class EvaluationServer:
         return [install_adapters(layer, paths) for layer in self.layers]
 
     @torch.inference_mode()
-    def _embed(self, split: str) -> list[torch.Tensor]:
-        return [self.arch.embed(self.model, b.input_ids) for b in self.buckets[split]]
-
-    @torch.inference_mode()
     def _sigma_hat(self) -> list[float]:
         """Per-layer std of input hidden states (real tokens, clipped); layer 0: embeddings."""
         sigma = [clipped_std(self.arch.word_embeddings(self.model))]
@@ -197,7 +195,8 @@ class EvaluationServer:
 
             def record(module, args, output, sums=sums, current=current):
                 for key, x in (("in", args[0]), ("out", output)):
-                    x = x[current["mask"]].double()  # (real tokens, features)
+                    # (real tokens, features); some MLPs see (B*T, features)
+                    x = x.reshape(-1, x.shape[-1])[current["mask"].reshape(-1)].double()
                     acc = sums.setdefault((id(module), key), [0, 0.0, 0.0])
                     acc[0] += x.shape[0]
                     acc[1] = acc[1] + x.sum(0)
@@ -395,8 +394,7 @@ class EvaluationServer:
             for start in range(0, bucket.size, per_chunk):
                 rows = slice(start, start + per_chunk)
                 ids = bucket.input_ids[rows]
-                hidden = self.arch.embed(self.model, ids)
-                inputs = self.arch.stack_inputs(self.model, ids, bucket.attention_mask[rows])
+                hidden, inputs = self.arch.enter(self.model, ids, bucket.attention_mask[rows])
                 for layer in self.layers:
                     hidden = self.arch.run_layer(layer, hidden, inputs)
                 at_slot = hidden[

@@ -1,0 +1,141 @@
+"""Entering a model's layer stack at layer l, for any Hugging Face architecture.
+
+What a layer needs besides its hidden state (rotary tables, causal or sliding-window
+masks, padding masks, position ids, cache positions) is computed by the model's own
+forward before its layer loop and differs between families and versions. Instead of
+re-implementing it per architecture, `enter` runs the model's forward once with every
+layer swapped for a `_Recorder` that stores the arguments it is called with and passes
+its hidden state through unchanged; the recording stops at the last layer (no norm, no
+head). What comes back is layer 0's input (the embeddings, with whatever scaling or
+position embeddings the model adds) and, per layer, its extra arguments, which
+`StackInputs.call` replays around any hidden state: the cached prefix output, or P
+candidates' stacked copies of it.
+
+Right padding: causal models are recorded without a padding mask (a real token never
+attends to a later pad), so fused causal attention keeps its fast path; masked LMs get
+their padding mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dfo_lora.errors import UserError
+
+
+@dataclass
+class StackInputs:
+    """Each layer's recorded extra arguments for one batch of `batch` sequences."""
+
+    batch: int
+    calls: dict[int, tuple[tuple, dict]]  # id(layer module) -> (positional args, kwargs)
+
+    def call(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Run one layer on `hidden` with the arguments the model gave it."""
+        args, kwargs = self.calls[id(layer)]
+        out = layer(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def repeat(self, times: int) -> StackInputs:
+        """The same arguments for the batch stacked `times` over (candidates x examples).
+
+        Tensors with a leading batch dimension (masks, per-sequence position ids) are
+        repeated; everything else (tables shared by the batch, flags) is kept as is.
+        Arguments shared between layers are repeated once.
+        """
+        if times == 1:
+            return self
+        done: dict[int, object] = {}
+        calls = {
+            key: (_repeat(args, self.batch, times, done), _repeat(kwargs, self.batch, times, done))
+            for key, (args, kwargs) in self.calls.items()
+        }
+        return StackInputs(batch=self.batch * times, calls=calls)
+
+
+def _repeat(value, batch: int, times: int, done: dict[int, object]):
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[0] != batch:
+            return value
+        if id(value) not in done:
+            done[id(value)] = value.repeat(times, *([1] * (value.dim() - 1)))
+        return done[id(value)]
+    if isinstance(value, tuple):
+        return tuple(_repeat(v, batch, times, done) for v in value)
+    if isinstance(value, list):
+        return [_repeat(v, batch, times, done) for v in value]
+    if isinstance(value, dict):
+        return {k: _repeat(v, batch, times, done) for k, v in value.items()}
+    return value
+
+
+class _StopRecording(Exception):
+    """Raised by the last layer's recorder: nothing after the stack is needed."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for one layer during recording; attribute reads reach the real layer
+    (some models read e.g. `layer.attention_type` to pick its mask)."""
+
+    def __init__(self, layer: nn.Module, index: int, last: int, sink: dict):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_where", (index, last, sink))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args, **kwargs):
+        index, last, sink = self._where
+        if args:
+            hidden, rest = args[0], args[1:]
+        elif "hidden_states" in kwargs:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        else:
+            raise UserError(
+                "cannot enter the layer stack: a layer was called without hidden_states"
+            )
+        sink[index] = (hidden, rest, kwargs)
+        if index == last:
+            raise _StopRecording
+        return hidden
+
+
+@torch.no_grad()
+def enter(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, StackInputs]:
+    """Layer 0's input (B, T, H) for `ids` and every layer's recorded extra arguments.
+
+    `attention_mask` is None for causal models (see the module docstring). Runs under
+    no_grad: none of it depends on trainable weights, and the tensors work both in
+    inference mode and under autograd (the gradient baseline).
+    """
+    sink: dict[int, tuple] = {}
+    originals = list(layers)
+    last = len(originals) - 1
+    for index, layer in enumerate(originals):
+        layers[index] = _Recorder(layer, index, last, sink)
+    try:
+        model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+    except _StopRecording:
+        pass
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    if len(sink) != len(originals):
+        raise UserError(
+            f"cannot enter the layer stack of {type(model).__name__}: its forward called "
+            f"{len(sink)} of its {len(originals)} layers"
+        )
+    calls = {id(layer): sink[i][1:] for i, layer in enumerate(originals)}
+    return sink[0][0], StackInputs(batch=ids.shape[0], calls=calls)
