@@ -254,3 +254,38 @@ def architecture_for(model_type: str) -> Architecture:
             "stack entry, verbalizer head) to dfo_lora/backbone/registry.py"
         )
     return ARCHITECTURES[model_type]
+
+
+# ---------------------------------------------------------------- MLP sites (adapters)
+# Kept apart from the Architecture entries above: only the parallel adapter space
+# (dfo_lora/spaces/adapters) reads it.
+@dataclass(frozen=True)
+class MlpSite:
+    """Where a parallel adapter sits beside a layer's MLP (paths relative to the layer).
+
+    The adapter reads the input of module `reads` (the MLP's input) and adds to the output
+    of module `writes` (the MLP's output, before the residual add; BERT and RoBERTa: the
+    output dense, before the residual add and LayerNorm). Llama and GPT-2 have one MLP
+    module, so both are the same path.
+    """
+
+    reads: str
+    writes: str
+
+
+MLP_SITES: dict[str, MlpSite] = {
+    "llama": MlpSite("mlp", "mlp"),
+    "gpt2": MlpSite("mlp", "mlp"),
+    "roberta": MlpSite("intermediate", "output.dense"),
+    "bert": MlpSite("intermediate", "output.dense"),
+}
+
+
+def mlp_site(arch: Architecture) -> MlpSite:
+    """The registry's MLP site of an architecture, or a one-line error naming it."""
+    if arch.name not in MLP_SITES:
+        raise UserError(
+            f"space parallel: no MLP site is known for {arch.name} "
+            "(add one to MLP_SITES in dfo_lora/backbone/registry.py)"
+        )
+    return MLP_SITES[arch.name]
