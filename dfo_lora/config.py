@@ -72,8 +72,8 @@ class TuneConfig:
     )
     targets: list[str] | None = opt(
         None,
-        "adapted projections (lora, hydra); series: projections that write the residual "
-        "stream, all of them (o and the MLP output) when not given; parallel: unused",
+        "adapted projections (lora, hydra); series: ones writing the residual stream "
+        "(not given: o and the MLP output); parallel: none",
         shown="q,k",
     )
     rank: int = opt(4, "r of every LoRA factor pair (lora, hydra)")

@@ -301,3 +301,19 @@ def test_export_of_a_hydra_run_is_a_one_line_error(tiny_llama_dir, tmp_path):
         line = one_line_error(run_cli("export", tmp_path / "run", "--format", fmt, "--out", out))
         assert f"a hydra run cannot be exported as {fmt}" in line
         assert not out.exists()
+
+
+def test_tune_cli_space_errors_are_one_line(tiny_llama_dir, tmp_path):
+    from tests.test_cli import one_line_error, run_cli
+
+    base = ["tune", "--model", tiny_llama_dir, "--task", "sst2", "--test-limit", "20", "--quiet"]
+    cases = {
+        ("--space", "paralel"): "did you mean 'parallel'",
+        ("--space", "lora", "--adapter-size", "4"): "adapter_size: not used by the lora space",
+        ("--space", "series", "--targets", "o,up"): "up does not (choose from o, down)",
+    }
+    for extra, expected in cases.items():
+        out = tmp_path / ("out-" + "-".join(e.strip("-") for e in extra))
+        line = one_line_error(run_cli(*base, *extra, "--out", out))
+        assert expected in line, (extra, line)
+        assert not (out / "results.json").exists()

@@ -111,16 +111,15 @@ class EvaluationServer:
         self._cache: list[list[torch.Tensor] | None] = [None] * (self.num_layers + 1)
         self._cache[0] = self._embed("train")
         self._valid_upto = 0
+        # The train split's statistics the space asks for, measured on the zero state.
         needs = kind.requirements(space)
-        stats = SpaceStatistics(
-            sigma_hat=self._sigma_hat(),
-            moments=self._projection_moments(needs.moment_targets)
-            if needs.moment_targets
-            else None,
-            head_directions=self._head_directions(needs.head_targets)
-            if needs.head_targets
-            else None,
-        )
+        sigma_hat = self._sigma_hat()
+        moments = head = None
+        if needs.moment_targets:
+            moments = self._projection_moments(needs.moment_targets)
+        if needs.head_targets:
+            head = self._head_directions(needs.head_targets)
+        stats = SpaceStatistics(sigma_hat, moments, head)
         self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
 
