@@ -317,3 +317,10 @@ def test_tune_cli_space_errors_are_one_line(tiny_llama_dir, tmp_path):
         line = one_line_error(run_cli(*base, *extra, "--out", out))
         assert expected in line, (extra, line)
         assert not (out / "results.json").exists()
+
+
+def test_paper_baselines_run_the_lora_space():
+    from dfo_lora.baselines.paper import paper_config
+
+    config = load_config(None, {"space": "series", "intrinsic_dim": 60})
+    assert paper_config(config, "cma", {}).space == "lora"
