@@ -31,8 +31,11 @@ GROUPS = {
         "trust_remote_code",
     ],
     "search space": [
+        "space",
         "targets",
         "rank",
+        "hydra_heads",
+        "adapter_size",
         "intrinsic_dim",
         "alpha",
         "sigma",
@@ -83,7 +86,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for title, names in GROUPS.items():
         group = parser.add_argument_group(title)
         for name in names:
-            default = getattr(defaults, name)
+            default = by_name[name].metadata.get("shown", getattr(defaults, name))
             if isinstance(default, list):
                 default = ",".join(default)
             if isinstance(default, dict):

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from dfo_lora.errors import UserError, did_you_mean
-from dfo_lora.lowrank import LowRankConfig
+from dfo_lora.lowrank import DEFAULT_TARGETS, LowRankConfig
 from dfo_lora.search import policy
 from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported here
     COMMITS,
@@ -29,13 +29,16 @@ from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported
 )
 from dfo_lora.server import LOSSES, ServerOptions
 from dfo_lora.server.factory import ServerSpec
+from dfo_lora.spaces import SPACE_NAMES, check_space_name, space_config
 
 
-def opt(default, help_text: str):
-    """A config field with its help text (shown by `dfo-lora tune --help`)."""
+def opt(default, help_text: str, shown: str | None = None):
+    """A config field with its help text (shown by `dfo-lora tune --help`, with `shown` as
+    the default where the field's own default is None: "the space's default")."""
+    metadata = {"help": help_text, **({"shown": shown} if shown is not None else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 OPTIMIZERS = policy.RUN_OPTIMIZERS  # the optim registry's names + hybrid
@@ -63,8 +66,22 @@ class TuneConfig:
         False, "run a model folder's own modelling code (config.json auto_map); off unless asked"
     )
     # ---- search space
-    targets: list[str] = opt(["q", "k"], "adapted projections")
-    rank: int = opt(4, "r of every LoRA factor pair")
+    space: str = opt(
+        "lora",
+        "lora (the paper: z -> LoRA factors) | hydra (HydraLoRA: a shared A, hydra_heads B "
+        "heads, a per-token router; not mergeable) | series (bottleneck adapters after the "
+        "targets' outputs, which must write the residual stream) | parallel (a bottleneck "
+        "adapter beside each MLP)",
+    )
+    targets: list[str] | None = opt(
+        None,
+        "adapted projections (lora, hydra); series: ones writing the residual stream "
+        "(not given: o and the MLP output); parallel: none",
+        shown="q,k",
+    )
+    rank: int = opt(4, "r of every LoRA factor pair (lora, hydra)")
+    hydra_heads: int = opt(3, "hydra: N, the B heads mixed per token by the router")
+    adapter_size: int = opt(8, "series, parallel: bottleneck width of each adapter")
     intrinsic_dim: int = opt(500, "d: entries of z per layer")
     alpha: float = opt(1.0, "projection std multiplier (BBTv2)")
     sigma: float = opt(1.0, "optimizer's initial step size (also in the projection std)")
@@ -79,7 +96,7 @@ class TuneConfig:
         "of the projection's output on the train split | verbalizer: in the directions that "
         "move the verbalizer logits (targets writing the residual stream: o, down)",
     )
-    basis_dim: int = opt(32, "b_basis pca: output directions B may use")
+    basis_dim: int = opt(32, "b_basis pca: output directions B may use (lora)")
     loss: str = opt("ce", "ce | hinge | neg_acc")
     calibrate: bool = opt(
         False, "subtract each state's mean train logits before loss and metric (not the paper's)"
@@ -175,7 +192,8 @@ class TuneConfig:
         if self.test_limit is not None and self.test_limit <= 0:
             raise UserError(f"test_limit: must be positive, got {self.test_limit}")
         parse_layers(self.layers, None)
-        self.space().validate()
+        self._validate_space_options()
+        self.space_config().validate()
         self._validate_optimizer_options()
         return self
 
@@ -196,18 +214,47 @@ class TuneConfig:
             except UserError as exc:
                 raise UserError(f"optimizer_options: {exc}") from None
 
-    def space(self) -> LowRankConfig:
-        return LowRankConfig(
-            targets=tuple(self.targets),
+    def _validate_space_options(self) -> None:
+        """The space exists, and no option of another space was changed from its default
+        (it would be silently ignored)."""
+        check_space_name(self.space)
+        defaults = TuneConfig()
+        for name, spaces in SPACE_OPTIONS.items():
+            if self.space not in spaces and getattr(self, name) != getattr(defaults, name):
+                users = ", ".join(spaces)
+                raise UserError(
+                    f"{name}: not used by the {self.space} space (only by {users}); "
+                    f"leave it at its default or choose --space {spaces[0]}"
+                )
+
+    def space_config(self):
+        """The chosen space's config (dfo_lora.spaces), from the run's values."""
+        if self.space == "lora":  # the paper's space: its config type is unchanged
+            return LowRankConfig(
+                targets=tuple(self.targets or DEFAULT_TARGETS),
+                rank=self.rank,
+                intrinsic_dim=self.intrinsic_dim,
+                alpha=self.alpha,
+                sigma=self.sigma,
+                seed=self.seed,
+                a_factor=self.a_factor,
+                b_basis=self.b_basis,
+                basis_dim=self.basis_dim,
+            )
+        values = dict(
             rank=self.rank,
+            heads=self.hydra_heads,
+            size=self.adapter_size,
             intrinsic_dim=self.intrinsic_dim,
             alpha=self.alpha,
             sigma=self.sigma,
             seed=self.seed,
-            a_factor=self.a_factor,
-            b_basis=self.b_basis,
-            basis_dim=self.basis_dim,
         )
+        if self.space == "hydra":
+            values["targets"] = tuple(self.targets or DEFAULT_TARGETS)
+        elif self.space == "series":
+            values["targets"] = tuple(self.targets) if self.targets else None
+        return space_config(self.space, **values)
 
     def server_spec(self) -> ServerSpec:
         return ServerSpec(
@@ -223,7 +270,7 @@ class TuneConfig:
             test_limit=self.test_limit,
             loss=self.loss,
             calibrate=self.calibrate,
-            space=self.space(),
+            space=self.space_config(),
             options=ServerOptions(
                 max_tokens=self.max_tokens,
                 max_buckets=self.max_buckets,
@@ -246,6 +293,18 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 FIELD_TYPES = typing.get_type_hints(TuneConfig)
+
+# Options that only some spaces read (the others refuse a value other than the default).
+SPACE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "targets": ("lora", "hydra", "series"),
+    "rank": ("lora", "hydra"),
+    "a_factor": ("lora",),
+    "b_basis": ("lora",),
+    "basis_dim": ("lora",),
+    "hydra_heads": ("hydra",),
+    "adapter_size": ("series", "parallel"),
+}
+assert all(s in SPACE_NAMES for spaces in SPACE_OPTIONS.values() for s in spaces)
 
 
 def coerce(name: str, value, where: str = ""):

@@ -139,6 +139,23 @@ def save_peft(model: nn.Module, arch, factors: Factors, rank: int, out: Path, ba
     peft_model.save_pretrained(str(out))
 
 
+def check_mergeable(space: str, fmt: str) -> None:
+    """Only a space whose change is a fixed weight delta (LoRA) exports as PEFT LoRA or merged
+    weights; the others change each token by a function of its input."""
+    from dfo_lora.spaces import SPACES
+
+    if not SPACES[space][1].mergeable:
+        why = {
+            "hydra": "its router mixes the B heads per token",
+            "series": "its adapters apply tanh to each token's hidden state",
+            "parallel": "its adapters apply tanh to each token's hidden state",
+        }.get(space, "its change depends on the input")
+        raise UserError(
+            f"export: a {space} run cannot be exported as {fmt}: {why}, so it is no fixed "
+            "weight delta to merge (only lora runs export)"
+        )
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, state: str = "best") -> Path:
     """Export a finished run's tuned state (checks first, then writes `out` atomically)."""
     from dfo_lora.backbone import load_backbone
@@ -155,6 +172,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, state: str = "bes
     if out.exists():
         raise UserError(f"export: {out} exists; choose a new --out folder")
     factors, config = load_tuned_factors(run_dir, state)
+    check_mergeable(config.space, fmt)
     if fmt == "peft":
         from dfo_lora.baselines.lora import require_peft
 
@@ -162,7 +180,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, state: str = "bes
     backbone = load_backbone(config.model, "fp32", "cpu")
     model, arch = backbone.model, backbone.arch
     if not factors:  # the state is the unmodified model: an adapter that changes nothing
-        factors = zero_factors(model, arch, config.targets, config.rank)
+        factors = zero_factors(model, arch, config.space_config().targets, config.rank)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

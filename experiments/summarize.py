@@ -26,7 +26,7 @@ def setting_of(config: dict) -> tuple:
         Path(str(config["task"])).stem,
         config["k"],
         config["optimizer"] if config["optimizer"] != "fwa" else config["fwa_variant"],
-        ",".join(config["targets"]),
+        ",".join(config["targets"] or ["q", "k"]),
         config.get("layers", "all"),
         config["sigma"],
         config["alpha"],

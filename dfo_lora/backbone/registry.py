@@ -314,3 +314,40 @@ def architecture_for(model_type: str) -> Architecture:
         f"transformers knows and the masked LMs {', '.join(n for n, a in ARCHITECTURES.items() if not a.causal)}; "
         "add an entry (layer list, projections, head) to dfo_lora/backbone/registry.py"
     )
+
+
+# ---------------------------------------------------------------- MLP sites (adapters)
+# Kept apart from the Architecture entries above: only the parallel adapter space
+# (dfo_lora/spaces/adapters) reads it.
+@dataclass(frozen=True)
+class MlpSite:
+    """Where a parallel adapter sits beside a layer's MLP (paths relative to the layer).
+
+    The adapter reads the input of module `reads` (the MLP's input) and adds to the output
+    of module `writes` (the MLP's output, before the residual add; BERT and RoBERTa: the
+    output dense, before the residual add and LayerNorm). Llama and GPT-2 have one MLP
+    module, so both are the same path.
+    """
+
+    reads: str
+    writes: str
+
+
+# Where the MLP is not one child module named `mlp` (discovered for the decoders).
+MLP_SITES: dict[str, MlpSite] = {
+    "roberta": MlpSite("intermediate", "output.dense"),
+    "bert": MlpSite("intermediate", "output.dense"),
+    "opt": MlpSite("fc1", "fc2"),
+}
+
+
+def mlp_site(arch: Architecture, layer: nn.Module) -> MlpSite:
+    """The MLP site of a layer: the registry's, or the layer's `mlp` child; else one line."""
+    if arch.name in MLP_SITES:
+        return MLP_SITES[arch.name]
+    if isinstance(getattr(layer, "mlp", None), nn.Module):
+        return MlpSite("mlp", "mlp")
+    raise UserError(
+        f"space parallel: no MLP site is known for {arch.name} "
+        "(add one to MLP_SITES in dfo_lora/backbone/registry.py)"
+    )

@@ -24,6 +24,7 @@ from dfo_lora.search.checkpoint import atomic_write_bytes
 from dfo_lora.server.losses import LOSSES
 
 PAPER = {
+    "space": "lora",
     "targets": ["q", "k"],
     "rank": 4,
     "intrinsic_dim": 500,

@@ -55,10 +55,15 @@ def prepare_context(
     """Data, backbone and server as tune builds them (the server scores the plain prompt;
     a method chooses calibration per evaluation); nothing is written yet."""
     from dfo_lora.backbone import load_backbone
+    from dfo_lora.lowrank import LowRankConfig
     from dfo_lora.server.factory import build_server, load_data
 
+    spec = config.server_spec()
+    # The baselines adapt the plain model (peft LoRA, prompts): another search space's
+    # modules (hydra, adapters) would stand where peft looks for the projections.
+    space = spec.space if isinstance(spec.space, LowRankConfig) else LowRankConfig(seed=spec.seed)
     spec = dataclasses.replace(
-        config.server_spec(), calibrate=False, loss=options.get("loss", config.loss)
+        spec, calibrate=False, loss=options.get("loss", config.loss), space=space
     )
     data = load_data(spec)
     backbone = load_backbone(spec.model, spec.dtype, spec.device, spec.trust_remote_code)

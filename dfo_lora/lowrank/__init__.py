@@ -1,4 +1,8 @@
-"""The low-rank search space (z -> LoRA factors) and the batched low-rank projection."""
+"""The low-rank search space (z -> LoRA factors) and the batched low-rank projection.
+
+The server reaches it through `dfo_lora.spaces` (`LoraSpace`, the `lora` entry of the
+space registry), like every other search space.
+"""
 
 from dfo_lora.lowrank.layer import (
     AdaptedProjection,

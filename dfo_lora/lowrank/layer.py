@@ -45,6 +45,8 @@ def merge_delta(module: nn.Module, delta: torch.Tensor, out_slice: tuple[int, in
 class AdaptedProjection(nn.Module):
     """A frozen projection plus, per target slice, one committed or P batched deltas."""
 
+    is_space_wrapper = True  # dfo_lora.spaces.unwrap_all replaces it by `base`
+
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base

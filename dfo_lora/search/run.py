@@ -155,13 +155,16 @@ def tune(
     results["calibrated_zero_shot"] = calibrated_zero_shot(server, config, results["zero_shot"])
     results["peak_mem_bytes"] = server.peak_memory()
     results["versions"] = versions()
-    results["server"] = {k: v for k, v in server.info().items() if k != "sigma_hat"}
+    info = server.info()
+    results["server"] = {k: v for k, v in info.items() if k not in ("sigma_hat", "space_state")}
     results["notes"] = server_notes(server)
     factors = {
         **factor_tensors(server.state_factors(search.best_dev_z), "best"),
         **factor_tensors(server.state_factors(server.get_state()), "final"),
     }
-    save_tuned(out / "tuned.safetensors", search.best_dev_z, config, factors)
+    save_tuned(
+        out / "tuned.safetensors", search.best_dev_z, config, factors, info.get("space_state")
+    )
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=2, sort_keys=True).encode())
     return results
 
@@ -188,13 +191,21 @@ def server_notes(server) -> list[str]:
 
 
 def save_tuned(
-    path: Path, z: np.ndarray, config: TuneConfig, factors: dict[str, np.ndarray] | None = None
+    path: Path,
+    z: np.ndarray,
+    config: TuneConfig,
+    factors: dict[str, np.ndarray] | None = None,
+    space_state: dict | None = None,
 ) -> None:
     """The tuned state: z per layer (the config, in metadata, rebuilds the same
-    projections) and the fp32 factors of the best and final states, for `export`."""
+    projections), the fp32 weights of the best and final states (LoRA's factors, for
+    `export`) and the space's own state (name, seed, sigma_hat) as JSON metadata."""
     tmp = path.with_name(f".{path.name}.tmp")
     arrays = {"z": np.ascontiguousarray(z), **(factors or {})}
-    save_file(arrays, str(tmp), metadata={"config": config.to_yaml()})
+    metadata = {"config": config.to_yaml()}
+    if space_state is not None:
+        metadata["space"] = json.dumps(space_state)
+    save_file(arrays, str(tmp), metadata=metadata)
     tmp.replace(path)
 
 

@@ -29,7 +29,8 @@ class ServerSpec:
     test_limit: int | None = None  # score only the first N test examples (quick runs)
     loss: str = "ce"
     calibrate: bool = False  # subtract each state's mean train logits before loss/metric
-    space: LowRankConfig = field(default_factory=LowRankConfig)
+    # the search space's config (dfo_lora.spaces.SPACES: LowRankConfig, HydraConfig, ...)
+    space: object = field(default_factory=LowRankConfig)
     options: ServerOptions = field(default_factory=ServerOptions)
     trust_remote_code: bool = False
 

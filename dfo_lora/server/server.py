@@ -12,7 +12,8 @@ What makes `score` fast (DESIGN.md §4), each exact up to dtype rounding:
   kept; scoring layer l runs only layers l..L-1; a commit at layer j invalidates the
   cache above j only;
 - population batching: candidates are stacked into one batch (P' blocks of n sequences)
-  and their low-rank deltas applied by batched matmuls; P' is chosen so a chunk holds
+  and their weights applied by batched matmuls (the search space's modules, see
+  dfo_lora/spaces: the server only talks to that interface); P' is chosen so a chunk holds
   at most `max_tokens` tokens (by default sized from free device memory), which bounds
   memory;
 - shared first step: at layer l the base projections of the layer input run once;
@@ -29,17 +30,10 @@ import torch
 
 from dfo_lora.backbone import Backbone
 from dfo_lora.errors import UserError
-from dfo_lora.lowrank import (
-    AdaptedProjection,
-    FactorShape,
-    LowRankConfig,
-    LowRankSpace,
-    ProjectionMoments,
-    clipped_std,
-    install_adapters,
-)
+from dfo_lora.lowrank import LowRankConfig, ProjectionMoments, clipped_std
 from dfo_lora.server.batching import Bucket, make_buckets
 from dfo_lora.server.losses import LOSSES, per_example_loss
+from dfo_lora.spaces import SpaceStatistics, space_class, take
 
 CPU_CHUNK_TOKENS = 16384  # padded tokens per stacked chunk on a CPU (BENCHMARKS.md)
 
@@ -62,7 +56,7 @@ class ServerOptions:
 
 
 class EvaluationServer:
-    """Scores populations of low-rank candidates on a frozen backbone."""
+    """Scores populations of candidates of a search space on a frozen backbone."""
 
     def __init__(
         self,
@@ -70,7 +64,7 @@ class EvaluationServer:
         splits: dict[str, list],
         verbalizer_ids: list[int],
         metric: str = "accuracy",
-        space: LowRankConfig | None = None,
+        space=None,  # a space config (dfo_lora.spaces.SPACES); None: the paper's LoRA
         loss: str = "ce",
         options: ServerOptions | None = None,
         notes: list[str] | None = None,
@@ -92,6 +86,7 @@ class EvaluationServer:
         self.options.validate()
         space = space or LowRankConfig()
         space.validate()
+        kind = space_class(space)
         self.verbalizer = torch.tensor(verbalizer_ids, device=backbone.device)
         pad_id = _pad_id(backbone.tokenizer)
         self.buckets: dict[str, list[Bucket]] = {
@@ -105,11 +100,8 @@ class EvaluationServer:
             for name, examples in splits.items()
         }
         self.split_sizes = {name: len(examples) for name, examples in splits.items()}
-        self._reads_input: dict[str, bool] = {}
-        self.adapted = self._install(space.targets)
-        shapes = [  # the same in every layer
-            FactorShape(t, *self.adapted[0][t].target_shape(t)) for t in space.targets
-        ]
+        # The space's modules in every layer (the zero state: exactly the frozen model).
+        self.adapted = [kind.install(space, self.arch, self.model, layer) for layer in self.layers]
         entered = {  # layer 0's input and each layer's extra arguments, per bucket
             id(b): self.arch.enter(self.model, b.input_ids, b.attention_mask)
             for buckets in self.buckets.values()
@@ -121,10 +113,16 @@ class EvaluationServer:
         self._cache[0] = [entered[id(b)][0] for b in self.buckets["train"]]
         del entered
         self._valid_upto = 0
+        # The train split's statistics the space asks for, measured on the zero state.
+        needs = kind.requirements(space)
         sigma_hat = self._sigma_hat()
-        moments = self._projection_moments(space.targets) if space.needs_moments else None
-        head = self._head_directions(space.targets) if space.b_basis == "verbalizer" else None
-        self.space = LowRankSpace(space, shapes, sigma_hat, backbone.device, moments, head)
+        moments = head = None
+        if needs.moment_targets:
+            moments = self._projection_moments(needs.moment_targets)
+        if needs.head_targets:
+            head = self._head_directions(needs.head_targets)
+        stats = SpaceStatistics(sigma_hat, moments, head)
+        self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
 
     # ------------------------------------------------------------------ facts
@@ -149,6 +147,8 @@ class EvaluationServer:
             "train_tokens": sum(b.real_tokens for b in train),
             "train_padded_tokens": sum(b.size * b.length for b in train),
             "sigma_hat": list(self.space.sigma_hat),
+            "space": self.space.name,
+            "space_state": self.space.state(),
             "metric": self.metric,
             "calibrate": self.calibrate,
             "notes": list(self.notes),
@@ -163,15 +163,6 @@ class EvaluationServer:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
     # ------------------------------------------------------------------ set-up
-    def _install(self, targets: tuple[str, ...]) -> list[dict[str, AdaptedProjection]]:
-        """Wrap each layer's target projections; fused modules get one wrapper for all."""
-        paths = {}
-        for target in targets:
-            proj = self.arch.projection(self.model, target)
-            paths[target] = (proj.module, proj.out_slice)
-            self._reads_input[target] = proj.reads_layer_input
-        return [install_adapters(layer, paths) for layer in self.layers]
-
     @torch.inference_mode()
     def _sigma_hat(self) -> list[float]:
         """Per-layer std of input hidden states (real tokens, clipped); layer 0: embeddings."""
@@ -202,7 +193,13 @@ class EvaluationServer:
                     acc[1] = acc[1] + x.sum(0)
                     acc[2] = acc[2] + x.T @ x
 
-            modules = {id(w): w for w in self.adapted[j].values()}
+            # The module at each target's path (the space's wrapper, if it has one: at the
+            # zero state its input and output are the frozen projection's).
+            wrappers = {
+                t: self.layers[j].get_submodule(self.arch.projection(self.model, t).module)
+                for t in targets
+            }
+            modules = {id(w): w for w in wrappers.values()}
             hooks = [m.register_forward_hook(record) for m in modules.values()]
             try:
                 for h, bucket, mask in zip(
@@ -215,11 +212,12 @@ class EvaluationServer:
                     hook.remove()
             per_target = {}
             for target in targets:
-                wrapper = self.adapted[j][target]
+                wrapper = wrappers[target]
                 mean, cov = _mean_cov(*sums[(id(wrapper), "in")])
                 out_cov = _mean_cov(*sums[(id(wrapper), "out")])[1]
-                if wrapper.out_slices[target] is not None:  # a fused module's own columns
-                    start, stop = wrapper.out_slices[target]
+                out_slice = self.arch.projection(self.model, target).out_slice
+                if out_slice is not None:  # a fused module's own columns
+                    start, stop = out_slice
                     out_cov = out_cov[start:stop, start:stop]
                 per_target[target] = ProjectionMoments(mean, cov, out_cov)
             moments.append(per_target)
@@ -286,12 +284,10 @@ class EvaluationServer:
             return
         self.z[layer] = z
         if np.any(z):
-            factors = self.space.factors(layer, torch.from_numpy(z)[None], self.backbone.dtype)
-            for target, (a, b) in factors.items():
-                self.adapted[layer][target].set_committed(target, (a[0], b[0]))
+            weights = self.space.weights(layer, torch.from_numpy(z)[None], self.backbone.dtype)
+            self.adapted[layer].commit(weights)
         else:
-            for target, wrapper in self.adapted[layer].items():
-                wrapper.set_committed(target, None)
+            self.adapted[layer].commit(None)
         self._valid_upto = min(self._valid_upto, layer)
 
     def set_state(self, z: np.ndarray) -> None:
@@ -306,15 +302,14 @@ class EvaluationServer:
         return self.z.copy()
 
     def state_factors(self, z: np.ndarray) -> dict[str, np.ndarray]:
-        """fp32 factors of a state z (L, d), for export: "<layer>.<target>.A" (r, in) and
-        ".B" (out, r) of every layer whose z is not zero. The committed state is untouched."""
+        """fp32 weights of a state z (L, d), for export, of every layer whose z is not zero:
+        "<layer>.<group>.<name>", LoRA's "<layer>.<target>.A" (r, in) and ".B" (out, r)
+        (the space's `export_tensors`). The committed state is untouched."""
         z = np.asarray(z, dtype=np.float64)
         out = {}
         for layer in np.flatnonzero(np.any(z != 0, axis=1)):
-            row = torch.from_numpy(z[layer])[None]
-            for target, (a, b) in self.space.factors(int(layer), row, torch.float32).items():
-                out[f"{layer}.{target}.A"] = a[0].cpu().numpy()
-                out[f"{layer}.{target}.B"] = b[0].cpu().numpy()
+            for key, value in self.space.export_tensors(int(layer), z[layer]).items():
+                out[f"{layer}.{key}"] = value
         return out
 
     # ------------------------------------------------------------------ scoring
@@ -341,7 +336,7 @@ class EvaluationServer:
         if not 0 <= layer < self.num_layers:
             raise UserError(f"layer: {layer} is outside 0..{self.num_layers - 1}")
         num = cand.shape[0]
-        factors = self.space.factors(layer, torch.from_numpy(cand), self.backbone.dtype)
+        weights = self.space.weights(layer, torch.from_numpy(cand), self.backbone.dtype)
         inputs = self._advance_cache(layer)
         n = self.split_sizes["train"]
         logits = torch.zeros(num, n, len(self.verbalizer), dtype=torch.float32)  # (P, N, C)
@@ -352,7 +347,7 @@ class EvaluationServer:
             labels[rows] = bucket.labels.cpu()
             for start in range(0, num, per_chunk):
                 stop = min(num, start + per_chunk)
-                chunk = {t: (a[start:stop], b[start:stop]) for t, (a, b) in factors.items()}
+                chunk = take(weights, start, stop)
                 out = self._candidate_logits(layer, h0, bucket, chunk, stop - start)
                 logits[start:stop, rows] = out.float().cpu()
         if self.calibrate:  # each candidate judged after removing its own label bias
@@ -363,18 +358,15 @@ class EvaluationServer:
 
     def _candidate_logits(self, layer, h0, bucket, chunk, num) -> torch.Tensor:
         """Run layers layer..L-1 for `num` stacked candidates; verbalizer logits (P', n, C)."""
-        modules = _group_by_module(self.adapted[layer], chunk)
-        for module, factors in modules:
-            shared = all(self._reads_input[t] for t in factors)
-            module.set_candidates(factors, shared_input=shared)
+        modules = self.adapted[layer]
+        modules.set_candidates(chunk)
         try:
             hidden = h0.repeat(num, 1, 1)  # (P'*n, T, H)
             inputs = self._stack_inputs[id(bucket)].repeat(num)
             for j in range(layer, self.num_layers):
                 hidden = self.arch.run_layer(self.layers[j], hidden, inputs)
         finally:
-            for module, _ in modules:
-                module.clear_candidates()
+            modules.clear_candidates()
         slots = bucket.slots.repeat(num)
         at_slot = hidden[torch.arange(hidden.shape[0], device=hidden.device), slots]  # (P'*n, H)
         logits = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
@@ -446,14 +438,3 @@ def _pad_id(tokenizer) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def _group_by_module(
-    wrappers: dict[str, AdaptedProjection], factors: dict[str, tuple]
-) -> list[tuple[AdaptedProjection, dict[str, tuple]]]:
-    """Candidates' factors grouped per wrapped module (fused q/k/v share one module)."""
-    groups: dict[int, tuple[AdaptedProjection, dict]] = {}
-    for target, pair in factors.items():
-        module = wrappers[target]
-        groups.setdefault(id(module), (module, {}))[1][target] = pair
-    return list(groups.values())

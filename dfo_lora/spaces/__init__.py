@@ -1,0 +1,94 @@
+"""The search spaces, behind one interface (`SearchSpace`, see base.py) and one registry.
+
+    lora      the paper's space: z -> LoRA factors (A, B) per adapted projection
+    hydra     HydraLoRA: a shared A, N heads B_i and a per-token router per projection
+    series    bottleneck adapters after residual-writing projections (o, MLP output)
+    parallel  a bottleneck adapter beside each layer's MLP
+
+A space is chosen by its config's type (`space_class`); `space_config` builds the config
+of a space by name from the run's values, so the server, the run config and the CLI only
+know this registry.
+"""
+
+from __future__ import annotations
+
+from dfo_lora.errors import UserError, did_you_mean
+from dfo_lora.lowrank import LowRankConfig
+from dfo_lora.spaces.adapters import ParallelConfig, ParallelSpace, SeriesConfig, SeriesSpace
+from dfo_lora.spaces.base import (
+    LayerModules,
+    ProjectedSpace,
+    SearchSpace,
+    SpaceStatistics,
+    StatisticsRequest,
+    Weights,
+    take,
+    unwrap_all,
+)
+from dfo_lora.spaces.hydra import HydraConfig, HydraSpace
+from dfo_lora.spaces.lora import LoraSpace
+
+# name -> (config class, space class)
+SPACES: dict[str, tuple[type, type[SearchSpace]]] = {
+    "lora": (LowRankConfig, LoraSpace),
+    "hydra": (HydraConfig, HydraSpace),
+    "series": (SeriesConfig, SeriesSpace),
+    "parallel": (ParallelConfig, ParallelSpace),
+}
+SPACE_NAMES = tuple(SPACES)
+
+
+def check_space_name(name: str) -> None:
+    if name not in SPACES:
+        raise UserError(
+            f"space: {name!r} is not one of {', '.join(SPACES)}{did_you_mean(name, SPACES)}"
+        )
+
+
+def space_class(config) -> type[SearchSpace]:
+    """The space class of a space config (LowRankConfig -> LoraSpace, ...)."""
+    for config_class, cls in SPACES.values():
+        if type(config) is config_class:
+            return cls
+    raise UserError(f"space: unknown space config {type(config).__name__}")
+
+
+def space_name(config) -> str:
+    return space_class(config).name
+
+
+def space_config(name: str, **values):
+    """The config of space `name` from the values its config class takes (others ignored:
+    the run config checks that no option of another space was set)."""
+    import dataclasses
+
+    check_space_name(name)
+    config_class = SPACES[name][0]
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in values.items() if k in known})
+
+
+__all__ = [
+    "SPACES",
+    "SPACE_NAMES",
+    "HydraConfig",
+    "HydraSpace",
+    "LayerModules",
+    "LoraSpace",
+    "LowRankConfig",
+    "ParallelConfig",
+    "ParallelSpace",
+    "ProjectedSpace",
+    "SearchSpace",
+    "SeriesConfig",
+    "SeriesSpace",
+    "SpaceStatistics",
+    "StatisticsRequest",
+    "Weights",
+    "check_space_name",
+    "space_class",
+    "space_config",
+    "space_name",
+    "take",
+    "unwrap_all",
+]

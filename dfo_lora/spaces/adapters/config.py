@@ -1,0 +1,75 @@
+"""Bottleneck adapters' hyper-parameters (LLM-Adapters): series and parallel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dfo_lora.errors import UserError
+
+
+def _validate_common(config) -> None:
+    for name in ("intrinsic_dim",):
+        if getattr(config, name) <= 0:
+            raise UserError(f"{name}: must be a positive integer, got {getattr(config, name)}")
+    if config.size <= 0:
+        raise UserError(f"adapter_size: must be a positive integer, got {config.size}")
+    for name in ("alpha", "sigma"):
+        if not getattr(config, name) > 0:
+            raise UserError(f"{name}: must be positive, got {getattr(config, name)}")
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    """h + up(tanh(down(h))) on the output of each target projection, which must write the
+    residual stream (o: after attention; down / proj / output: after the MLP)."""
+
+    name: ClassVar[str] = "series"
+    # residual-writing projections (registry names); None: all of them (o, MLP output)
+    targets: tuple[str, ...] | None = None
+    size: int = 8  # bottleneck width m: down (m, H), up (H, m)
+    intrinsic_dim: int = 500  # d: entries of z per layer
+    alpha: float = 1.0  # projection std multiplier
+    sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
+    seed: int = 0  # seeds the random projections
+
+    def validate(self) -> None:
+        _validate_common(self)
+        if self.targets is None:
+            return
+        if not self.targets:
+            raise UserError("targets: series adapters need at least one place (e.g. o,down)")
+        if len(set(self.targets)) != len(self.targets):
+            raise UserError(f"targets: duplicate entries in {','.join(self.targets)}")
+        reads = [t for t in self.targets if t in ("q", "k", "v")]
+        if reads:
+            raise UserError(
+                f"targets: series adapters sit after projections that write the residual "
+                f"stream; {','.join(reads)} {'does' if len(reads) == 1 else 'do'} not (use o "
+                "and the MLP output: down for "
+                "llama, proj for gpt2, output for bert/roberta)"
+            )
+        if self.intrinsic_dim < 2 * len(self.targets):
+            raise UserError(
+                f"intrinsic_dim: {self.intrinsic_dim} is fewer than the "
+                f"{2 * len(self.targets)} weights (down, up per target) of the series space"
+            )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """An adapter beside each layer's MLP: MLP(x) + up(tanh(down(x))), x the MLP's input."""
+
+    name: ClassVar[str] = "parallel"
+    size: int = 8  # bottleneck width m: down (m, H), up (H, m)
+    intrinsic_dim: int = 500  # d: entries of z per layer
+    alpha: float = 1.0  # projection std multiplier
+    sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
+    seed: int = 0  # seeds the random projections
+
+    def validate(self) -> None:
+        _validate_common(self)
+        if self.intrinsic_dim < 2:
+            raise UserError(
+                f"intrinsic_dim: must be at least 2 (down, up), got {self.intrinsic_dim}"
+            )

@@ -1,0 +1,135 @@
+"""The series and parallel adapter search spaces: z_l -> (down, up) per adapter site.
+
+z_l is split into 2 chunks per site, down then up, each through its own seeded random map
+scaled from sigma_hat (`ProjectedSpace`): z = 0 gives down = up = 0, the unmodified model.
+Sites: series, one per target projection (its output, which writes the residual stream);
+parallel, one per layer, beside the MLP (the registry's `MLP_SITES`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dfo_lora.backbone.registry import mlp_site
+from dfo_lora.errors import UserError
+from dfo_lora.lowrank.layer import projection_shape
+from dfo_lora.spaces.adapters.config import ParallelConfig, SeriesConfig
+from dfo_lora.spaces.adapters.layer import AdapterModule, Stash, Tap
+from dfo_lora.spaces.base import (
+    LayerModules,
+    ProjectedSpace,
+    SpaceStatistics,
+    Weights,
+    wrap_module,
+)
+
+
+class AdapterLayer(dict):
+    """One layer's `AdapterModule`s by site, with the (in, out) widths of each."""
+
+    def __init__(self, modules: dict[str, AdapterModule], widths: dict[str, tuple[int, int]]):
+        super().__init__(modules)
+        self.widths = widths
+
+    def set_candidates(self, weights: Weights) -> None:
+        for site, module in self.items():
+            module.candidates = weights.get(site)
+
+    def clear_candidates(self) -> None:
+        for module in self.values():
+            module.candidates = None
+
+    def commit(self, weights: Weights | None) -> None:
+        for site, module in self.items():
+            module.committed = None if weights is None else tuple(t[0] for t in weights[site])
+
+
+def _adapter(module: nn.Module, series: bool, stash: Stash | None = None) -> AdapterModule:
+    if isinstance(module, AdapterModule):
+        module.committed = module.candidates = None  # a reused backbone: the zero state
+        return module
+    return AdapterModule(module, series, stash)
+
+
+class AdapterSpace(ProjectedSpace):
+    """Bottleneck adapters at fixed sites; their change depends on the input (no merge)."""
+
+    mergeable = False
+    tensor_names = ("down", "up")
+
+    def __init__(self, config, widths: dict[str, tuple[int, int]], sigma_hat, device):
+        self.widths = widths  # site -> (in, out), the same in every layer
+        super().__init__(config, sigma_hat, device)
+
+    @classmethod
+    def build(
+        cls,
+        config,
+        arch,
+        model: nn.Module,
+        modules: list[LayerModules],
+        stats: SpaceStatistics,
+        device: torch.device,
+    ) -> AdapterSpace:
+        return cls(config, dict(modules[0].widths), stats.sigma_hat, device)
+
+    def _chunk_numels(self) -> list[int]:
+        m = self.config.size
+        return [n for inp, out in self.widths.values() for n in (m * inp, out * m)]
+
+    def weights(self, layer: int, z: torch.Tensor, dtype: torch.dtype) -> Weights:
+        """z (P, d) -> {site: (down (P, m, in), up (P, out, m))}."""
+        pieces = self.project(layer, z)
+        m = self.config.size
+        out = {}
+        for i, (site, (inp, width)) in enumerate(self.widths.items()):
+            down = pieces[2 * i].view(-1, m, inp)
+            up = pieces[2 * i + 1].view(-1, width, m)
+            out[site] = (down.to(dtype), up.to(dtype))
+        return out
+
+
+class SeriesSpace(AdapterSpace):
+    """Series adapters after residual-writing projections (attention output, MLP output)."""
+
+    name = "series"
+
+    @classmethod
+    def install(
+        cls, config: SeriesConfig, arch, model: nn.Module, layer: nn.Module
+    ) -> AdapterLayer:
+        modules, widths = {}, {}
+        writers = [n for n, p in arch.projections(model).items() if p.writes_residual]
+        for target in config.targets or writers:
+            proj = arch.projection(model, target)
+            if not proj.writes_residual:
+                raise UserError(
+                    f"targets: series adapters sit after projections that write the residual "
+                    f"stream; {target} does not (choose from {', '.join(writers)})"
+                )
+            module = wrap_module(layer, proj.module, lambda m: _adapter(m, series=True))
+            out_features = projection_shape(module.base)[1]
+            modules[target], widths[target] = module, (out_features, out_features)
+        return AdapterLayer(modules, widths)
+
+
+class ParallelSpace(AdapterSpace):
+    """A parallel adapter beside each layer's MLP: its input is the MLP's input."""
+
+    name = "parallel"
+
+    @classmethod
+    def install(
+        cls, config: ParallelConfig, arch, model: nn.Module, layer: nn.Module
+    ) -> AdapterLayer:
+        site = mlp_site(arch, layer)
+        hidden = int(model.config.hidden_size)
+        if site.reads == site.writes:
+            module = wrap_module(layer, site.writes, lambda m: _adapter(m, series=False))
+        else:  # two modules: a Tap keeps the first one's input for the adapter on the second
+            tap = layer.get_submodule(site.reads)
+            stash = tap.stash if isinstance(tap, Tap) else Stash()
+            wrap_module(layer, site.reads, lambda m: m if isinstance(m, Tap) else Tap(m, stash))
+            module = wrap_module(layer, site.writes, lambda m: _adapter(m, False, stash))
+        return AdapterLayer({"mlp": module}, {"mlp": (hidden, hidden)})

@@ -1,0 +1,43 @@
+"""HydraLoRA's hyper-parameters (an asymmetric LoRA: one shared A, N heads B_i, a router)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dfo_lora.errors import UserError
+from dfo_lora.lowrank import DEFAULT_TARGETS
+
+
+@dataclass(frozen=True)
+class HydraConfig:
+    """Per adapted projection: y += sum_i softmax(R x)_i B_i A x."""
+
+    name: ClassVar[str] = "hydra"
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # projections adapted in every layer
+    rank: int = 4  # r of the shared A (r, in) and of every head B_i (out, r)
+    heads: int = 3  # N: B heads, mixed per token by the router Linear(in, N)
+    intrinsic_dim: int = 500  # d: entries of z per layer
+    alpha: float = 1.0  # projection std multiplier
+    sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
+    seed: int = 0  # seeds the random projections
+
+    def validate(self) -> None:
+        for name in ("rank", "intrinsic_dim"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.heads < 1:
+            raise UserError(f"hydra_heads: must be a positive integer, got {self.heads}")
+        for name in ("alpha", "sigma"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not self.targets:
+            raise UserError("targets: at least one projection is needed (e.g. q,k)")
+        if len(set(self.targets)) != len(self.targets):
+            raise UserError(f"targets: duplicate entries in {','.join(self.targets)}")
+        chunks = len(self.targets) * (self.heads + 2)
+        if self.intrinsic_dim < chunks:
+            raise UserError(
+                f"intrinsic_dim: {self.intrinsic_dim} is fewer than the {chunks} weights "
+                f"(A, {self.heads} heads, router per target) hydra makes from z per layer"
+            )

@@ -1,0 +1,330 @@
+"""The hydra, series and parallel spaces score exactly what a plain HF forward with the same
+weights installed gives (hooks on a stock copy of the model), like LoRA's exactness tests:
+z = 0 is the unmodified model, a stacked population equals one forward per candidate,
+cached equals uncached; and their bad input is one line."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from dfo_lora.backbone.registry import mlp_site
+from dfo_lora.config import TuneConfig, load_config
+from dfo_lora.errors import UserError
+from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
+from dfo_lora.spaces import (
+    SPACES,
+    HydraConfig,
+    LoraSpace,
+    ParallelConfig,
+    SeriesConfig,
+    space_class,
+    unwrap_all,
+)
+from tests.test_server_exactness import ARCHS, VERBALIZER, make_server, rel_err
+from tests.tiny_models import hf_logits, random_examples, tiny_model
+
+RTOL = 1e-4
+
+
+def space_of(name: str, **overrides):
+    common = dict(intrinsic_dim=40, alpha=3.0, sigma=1.0, seed=3)
+    if name == "hydra":
+        return HydraConfig(**{**common, "targets": ("q", "v", "o"), "rank": 4, **overrides})
+    if name == "series":
+        return SeriesConfig(**{**common, "size": 4, **overrides})
+    return ParallelConfig(**{**common, "size": 4, **overrides})
+
+
+SPACE_NAMES = ["hydra", "series", "parallel"]
+
+
+def build(arch: str, name: str, options: ServerOptions | None = None, **overrides):
+    backbone = tiny_model(arch, 0)
+    splits = {
+        "train": random_examples(backbone, 10, seed=1),
+        "dev": random_examples(backbone, 7, seed=2),
+    }
+    space = space_of(name, **overrides)
+    server = EvaluationServer(backbone, splits, VERBALIZER, space=space, options=options)
+    return server, splits
+
+
+# ---------------------------------------------------------------- the reference
+def _hydra_hook(out_slice, a, b, router):
+    def hook(module, args, output):
+        x = args[0]
+        route = torch.softmax(x @ router.T, -1)  # (B, T, N)
+        delta = sum(route[..., i : i + 1] * ((x @ a.T) @ b[i].T) for i in range(b.shape[0]))
+        output = output.clone()
+        start, stop = out_slice or (0, output.shape[-1])
+        output[..., start:stop] += delta
+        return output
+
+    return hook
+
+
+def _series_hook(down, up):
+    return lambda module, args, output: output + torch.tanh(output @ down.T) @ up.T
+
+
+def reference_logits(server, z: np.ndarray, examples) -> torch.Tensor:
+    """Stock HF forwards of a copy of the model, each layer's weights of z installed by
+    plain forward hooks (one example at a time, no stacking, no cache)."""
+    net = unwrap_all(copy.deepcopy(server.model))
+    arch, space = server.arch, server.space
+    layers = arch.layers(net)
+    for index, layer in enumerate(layers):
+        if not np.any(z[index]):
+            continue
+        weights = space.weights(index, torch.from_numpy(z[index])[None], torch.float32)
+        weights = {k: tuple(t[0] for t in group) for k, group in weights.items()}
+        if space.name == "hydra":
+            for target, (a, b, router) in weights.items():
+                proj = arch.projection(net, target)
+                module = layer.get_submodule(proj.module)
+                module.register_forward_hook(_hydra_hook(proj.out_slice, a, b, router))
+        elif space.name == "series":
+            for target, (down, up) in weights.items():
+                module = layer.get_submodule(arch.projection(net, target).module)
+                module.register_forward_hook(_series_hook(down, up))
+        else:  # parallel: the MLP's input, through the adapter, onto the MLP's output
+            site, (down, up) = mlp_site(arch, layer), weights["mlp"]
+            seen = {}
+
+            def keep(module, args, seen=seen):
+                seen["x"] = args[0]
+
+            def add(module, args, output, seen=seen, down=down, up=up):
+                return output + torch.tanh(seen["x"] @ down.T) @ up.T
+
+            layer.get_submodule(site.reads).register_forward_pre_hook(keep)
+            layer.get_submodule(site.writes).register_forward_hook(add)
+    return hf_logits(net, examples, VERBALIZER)
+
+
+def reference_losses(server, layer, candidates, examples):
+    labels = torch.tensor([ex.label for ex in examples])
+    out = []
+    for cand in candidates:
+        z = server.get_state()
+        z[layer] = cand
+        logits = reference_logits(server, z, examples)
+        out.append(float(per_example_loss("ce", logits, labels).mean()))
+    return np.array(out)
+
+
+# ---------------------------------------------------------------- exactness
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_zero_vector_is_the_unmodified_model(arch, name):
+    server, splits = build(arch, name)
+    got = server.score(1, np.zeros((1, server.dim)))["loss"][0]
+    plain = hf_logits(unwrap_all(copy.deepcopy(server.model)), splits["train"], VERBALIZER)
+    labels = torch.tensor([ex.label for ex in splits["train"]])
+    want = float(per_example_loss("ce", plain, labels).mean())
+    assert abs(got - want) <= RTOL * abs(want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_score_equals_hf_forward_with_the_weights_installed(arch, name):
+    server, splits = build(arch, name)
+    rng = np.random.default_rng(0)
+    server.commit(0, rng.normal(size=server.dim))  # committed modules below and above
+    server.commit(2, rng.normal(size=server.dim))
+    cands = rng.normal(size=(5, server.dim))
+    got = server.score(1, cands)["loss"]
+    want = reference_losses(server, 1, cands, splits["train"])
+    # hydra's router softmax runs in fp32 on purpose; with this test's large random weights
+    # its logits reach the hundreds, where fp32 rounding moves a loss by up to 2e-4 (Phi-3;
+    # the same check in fp64 leaves 1e-4, from the fp32 router alone)
+    rtol = 5e-4 if name == "hydra" else RTOL
+    assert rel_err(got, want) <= rtol, (got, want)
+    assert np.ptp(got) > 1e-4  # the candidates really differ
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_predict_after_commits_matches_reference(arch, name):
+    server, splits = build(arch, name)
+    rng = np.random.default_rng(3)
+    for layer in range(server.num_layers):
+        server.commit(layer, rng.normal(size=server.dim))
+    got = server.predict("dev")["logits"]
+    want = reference_logits(server, server.get_state(), splits["dev"])
+    assert rel_err(got, want.numpy()) <= RTOL
+    assert rel_err(got, reference_logits(server, 0 * server.get_state(), splits["dev"])) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_cached_equals_uncached_and_chunked(arch, name):
+    rng = np.random.default_rng(2)
+    commits = {0: rng.normal(size=40), 1: rng.normal(size=40)}
+    cands = rng.normal(size=(6, 40))
+    results = {}
+    for key, options in {
+        "cached": ServerOptions(),
+        "uncached": ServerOptions(prefix_cache=False),
+        "chunked": ServerOptions(max_tokens=20, max_buckets=1),
+    }.items():
+        server, _ = build(arch, name, options=options)
+        for layer, z in commits.items():
+            server.commit(layer, z)
+        first = server.score(2, cands)["loss"]
+        server.commit(0, commits[0] * 0.5)  # invalidates the cache above layer 0
+        second = server.score(1, cands)["loss"]
+        results[key] = np.concatenate([first, second])
+    for key in ("uncached", "chunked"):
+        assert rel_err(results[key], results["cached"]) <= 1e-5, key
+
+
+def test_hydra_heads_and_router_shapes():
+    server, _ = build("gpt2", "hydra", heads=2, rank=3)
+    weights = server.space.weights(0, torch.ones(4, server.dim), torch.float32)
+    a, b, router = weights["q"]
+    assert a.shape == (4, 3, 32) and b.shape == (4, 2, 32, 3) and router.shape == (4, 2, 32)
+    assert server.space.deltas(0, np.ones(server.dim)) is None  # input-dependent: no merge
+    keys = server.state_factors(np.ones((3, server.dim)))
+    assert {k for k in keys if k.startswith("0.q.")} == {"0.q.A", "0.q.B", "0.q.router"}
+
+
+def test_series_defaults_to_every_residual_writer():
+    server, _ = build("llama", "series")
+    assert sorted(server.adapted[0]) == ["down", "o"]
+    server, _ = build("bert", "series", targets=("o",))
+    assert sorted(server.adapted[0]) == ["o"]
+
+
+def test_small_z_is_a_small_change():
+    """Losses move continuously away from z = 0 (the maps are scaled from sigma_hat)."""
+    for name in SPACE_NAMES:
+        server, _ = build("llama", name)
+        direction = np.random.default_rng(4).normal(size=server.dim)
+        scales = np.array([0.0, 1e-4, 1e-2])
+        losses = server.score(1, scales[:, None] * direction)["loss"]
+        assert abs(losses[1] - losses[0]) < abs(losses[2] - losses[0]) + 1e-9, name
+        assert abs(losses[1] - losses[0]) < 1e-3, name
+
+
+def test_registry_maps_configs_to_spaces():
+    assert set(SPACES) == {"lora", "hydra", "series", "parallel"}
+    assert space_class(TuneConfig().space_config()) is LoraSpace
+    for name in SPACE_NAMES:
+        config = load_config(None, {"space": name, "intrinsic_dim": 60})
+        assert space_class(config.space_config()).name == name
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"space": "hydar"}, "space: 'hydar' is not one of lora, hydra, series, parallel; did you"),
+        ({"space": "lora", "hydra_heads": 5}, "hydra_heads: not used by the lora space"),
+        ({"space": "hydra", "adapter_size": 4}, "adapter_size: not used by the hydra space"),
+        ({"space": "parallel", "targets": "o"}, "targets: not used by the parallel space"),
+        ({"space": "series", "rank": 8}, "rank: not used by the series space"),
+        ({"space": "hydra", "b_basis": "pca"}, "b_basis: not used by the hydra space"),
+        ({"space": "series", "targets": "q,o"}, "targets: series adapters sit after"),
+        ({"space": "hydra", "hydra_heads": 0}, "hydra_heads: must be a positive integer"),
+        ({"space": "parallel", "adapter_size": 0}, "adapter_size: must be a positive integer"),
+        ({"space": "hydra", "intrinsic_dim": 9}, "intrinsic_dim: 9 is fewer than the 10"),
+    ],
+)
+def test_bad_space_options_are_one_line_errors(values, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")) as info:
+        load_config(None, values)
+    assert "\n" not in str(info.value)
+
+
+def test_series_target_that_does_not_write_the_residual_is_refused():
+    with pytest.raises(UserError, match=r"gate does not \(choose from o, down\)"):
+        build("llama", "series", targets=("o", "gate"))
+
+
+def test_space_is_a_sweep_grid_key(tmp_path):
+    from dfo_lora.distributed.sweep import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "out: runs\n"
+        "config: {model: tiny, task: sst2, intrinsic_dim: 60}\n"
+        "grid: {space: [lora, hydra, series, parallel]}\n"
+    )
+    sweep = load_sweep(path)
+    assert [run.config.space for run in sweep.runs] == ["lora", "hydra", "series", "parallel"]
+    assert len({run.group_key for run in sweep.runs}) == 4  # one server group per space
+
+
+def test_lora_space_is_the_server_default():
+    server, _ = make_server("llama")
+    assert isinstance(server.space, LoraSpace) and server.info()["space"] == "lora"
+    assert server.info()["space_state"]["seed"] == 3
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_tune_end_to_end(name, tiny_llama_dir, tmp_path):
+    """A short `tune` per space on a tiny Llama with the real tokenizer and data; `eval`
+    rebuilds the same space from the run's config and gets the tuned dev metric back."""
+    import json
+
+    from dfo_lora.search.run import load_tuned, tune
+    from dfo_lora.server.factory import build_server
+    from tests.test_search import tiny_config
+
+    config = tiny_config(tiny_llama_dir, space=name, budget=6 * 3 * 2, select="final")
+    results = tune(config, tmp_path / "run", progress=False)
+    assert results["evaluations"] == 36
+    assert results["server"]["space"] == name
+    z, saved = load_tuned(tmp_path / "run")
+    assert saved.space == name and np.any(z)
+    server = build_server(saved.server_spec())
+    server.set_state(z)
+    assert server.evaluate("dev")["accuracy"] == pytest.approx(results["tuned"]["dev"]["accuracy"])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "tuned.safetensors"), framework="numpy") as f:
+        state = json.loads(f.metadata()["space"])
+    assert state["space"] == name and len(state["sigma_hat"]) == 3
+
+
+def test_export_of_a_hydra_run_is_a_one_line_error(tiny_llama_dir, tmp_path):
+    from dfo_lora.search.run import tune
+    from tests.test_cli import one_line_error, run_cli
+    from tests.test_search import tiny_config
+
+    config = tiny_config(tiny_llama_dir, space="hydra", budget=6 * 3, select="final")
+    tune(config, tmp_path / "run", progress=False)
+    for fmt in ("peft", "merged"):
+        out = tmp_path / fmt
+        line = one_line_error(run_cli("export", tmp_path / "run", "--format", fmt, "--out", out))
+        assert f"a hydra run cannot be exported as {fmt}" in line
+        assert not out.exists()
+
+
+def test_tune_cli_space_errors_are_one_line(tiny_llama_dir, tmp_path):
+    from tests.test_cli import one_line_error, run_cli
+
+    base = ["tune", "--model", tiny_llama_dir, "--task", "sst2", "--test-limit", "20", "--quiet"]
+    cases = {
+        ("--space", "paralel"): "did you mean 'parallel'",
+        ("--space", "lora", "--adapter-size", "4"): "adapter_size: not used by the lora space",
+        ("--space", "series", "--targets", "o,up"): "up does not (choose from o, down)",
+    }
+    for extra, expected in cases.items():
+        out = tmp_path / ("out-" + "-".join(e.strip("-") for e in extra))
+        line = one_line_error(run_cli(*base, *extra, "--out", out))
+        assert expected in line, (extra, line)
+        assert not (out / "results.json").exists()
+
+
+def test_paper_baselines_run_the_lora_space():
+    from dfo_lora.baselines.paper import paper_config
+
+    config = load_config(None, {"space": "series", "intrinsic_dim": 60})
+    assert paper_config(config, "cma", {}).space == "lora"
