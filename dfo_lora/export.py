@@ -72,7 +72,7 @@ def merge_into(model: nn.Module, arch, factors: Factors) -> None:
 
 def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
     """(target module names, {module: (A, B)} of the fused LoRA per module, rank pattern)."""
-    from dfo_lora.lowrank.layer import projection_shape
+    from dfo_lora.lowrank.layer import out_columns, out_width, projection_shape
 
     prefix = layer_prefix(model, arch)
     per_module: dict[str, list] = {}
@@ -86,8 +86,7 @@ def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
         a_full = torch.cat([a for _, a, _ in parts])  # (k*r, in)
         b_full = torch.zeros(out_features, rank * len(parts))
         for i, (proj, _, b) in enumerate(parts):
-            start, stop = proj.out_slice or (0, out_features)
-            b_full[start:stop, i * rank : (i + 1) * rank] = b
+            b_full[out_columns(proj.out_slice), i * rank : (i + 1) * rank] = b
         weights[name] = (a_full, b_full)
         if len(parts) > 1:
             ranks[name] = rank * len(parts)
@@ -97,15 +96,14 @@ def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
 def zero_factors(model: nn.Module, arch, targets, rank: int) -> Factors:
     """Factors of the zero state for every layer and target: a LoRA that changes nothing
     (what a run whose dev-selected state is the unmodified model exports)."""
-    from dfo_lora.lowrank.layer import projection_shape
+    from dfo_lora.lowrank.layer import out_columns, out_width, projection_shape
 
     factors = {}
     for index, layer in enumerate(arch.layers(model)):
         for target in targets:
             proj = arch.projection(model, target)
             in_features, out_features = projection_shape(layer.get_submodule(proj.module))
-            if proj.out_slice is not None:
-                out_features = proj.out_slice[1] - proj.out_slice[0]
+            out_features = out_width(proj.out_slice, out_features)
             factors[(index, target)] = (
                 torch.zeros(rank, in_features),
                 torch.zeros(out_features, rank),

@@ -19,10 +19,6 @@ from tests.tiny_models import (
 
 VERBALIZER = [7, 11, 13]
 RTOL = 1e-4
-# bf16 keeps 8 bits of mantissa (0.4% per rounding); through 3 random layers with large
-# deltas the losses of two bf16 computations differ by up to 6.2% (AMX CPU, 12 families).
-# A wrong stack entry or delta changes them by far more.
-BF16_RTOL = 0.1
 
 
 def make_server(
@@ -61,13 +57,13 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-def reference_losses(server, z_state, layer, candidates, examples, loss="ce"):
+def reference_losses(server, z_state, layer, candidates, examples, loss="ce", dtype=None):
     out = []
     labels = torch.tensor([ex.label for ex in examples])
     for cand in candidates:
         z = z_state.copy()
         z[layer] = cand
-        logits = merged_reference_logits(server, z, examples, VERBALIZER)
+        logits = merged_reference_logits(server, z, examples, VERBALIZER, dtype)
         out.append(float(per_example_loss(loss, logits, labels).mean()))
     return np.array(out)
 
@@ -80,12 +76,22 @@ def test_score_equals_merged_hf_forward(arch, targets):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_score_equals_merged_hf_forward_in_bf16(arch):
-    """`--dtype auto` runs bf16 on AMX/avx512_bf16 CPUs: the fast paths stay within bf16
-    rounding of the merged forward there too (the reference merges B @ A into bf16
-    weights, the server adds it in a separate bf16 matmul: different roundings)."""
+def test_score_in_bf16_is_as_close_to_fp32_as_hf_in_bf16(arch):
+    """`--dtype auto` runs bf16 on AMX/avx512_bf16 CPUs. There the server's losses must be
+    as close to the fp32 truth (the merged forward of the same bf16 weights, in fp32) as
+    the stock HF forward in bf16 is: measured 0.3x to 3.2x its error over the 14 families
+    (AMX CPU), so within 5x of it (or 2%). A wrong stack entry or delta is far off."""
     server, splits = make_server(arch, ("q", "v"), dtype=torch.bfloat16)
-    _check_score_against_reference(server, splits, rtol=BF16_RTOL)
+    rng = np.random.default_rng(0)
+    server.commit(0, rng.normal(size=server.dim))
+    server.commit(2, rng.normal(size=server.dim))
+    cands = rng.normal(size=(5, server.dim))
+    got = server.score(1, cands)["loss"]
+    state, train = server.get_state(), splits["train"]
+    hf_bf16 = reference_losses(server, state, 1, cands, train)
+    truth = reference_losses(server, state, 1, cands, train, dtype=torch.float32)
+    assert rel_err(got, truth) <= max(5 * rel_err(hf_bf16, truth), 0.02), (got, hf_bf16, truth)
+    assert np.ptp(truth) > 0.1 * np.max(np.abs(truth))  # the candidates really differ
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -178,7 +184,7 @@ def test_pca_a_factor_whitens_the_module_input():
     assert moments.cov.shape == (server.adapted[1]["o"].shape[0],) * 2
 
 
-def _check_score_against_reference(server, splits, rtol=RTOL):
+def _check_score_against_reference(server, splits):
     rng = np.random.default_rng(0)
     # Commit other layers first so the check covers committed deltas above and below.
     server.commit(0, rng.normal(size=server.dim))
@@ -187,8 +193,8 @@ def _check_score_against_reference(server, splits, rtol=RTOL):
     cands = rng.normal(size=(5, server.dim))
     got = server.score(layer, cands)["loss"]
     want = reference_losses(server, server.get_state(), layer, cands, splits["train"])
-    assert rel_err(got, want) <= rtol, (got, want)
-    assert np.ptp(got) > 2 * rtol * np.max(np.abs(want))  # the candidates really differ
+    assert rel_err(got, want) <= RTOL, (got, want)
+    assert np.ptp(got) > 1e-4  # the candidates really differ
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -25,6 +25,7 @@ from dfo_lora.spaces import (
     unwrap_all,
 )
 from tests.test_server_exactness import ARCHS, VERBALIZER, make_server, rel_err
+from dfo_lora.lowrank.layer import add_to_columns
 from tests.tiny_models import hf_logits, random_examples, tiny_model
 
 RTOL = 1e-4
@@ -60,8 +61,7 @@ def _hydra_hook(out_slice, a, b, router):
         route = torch.softmax(x @ router.T, -1)  # (B, T, N)
         delta = sum(route[..., i : i + 1] * ((x @ a.T) @ b[i].T) for i in range(b.shape[0]))
         output = output.clone()
-        start, stop = out_slice or (0, output.shape[-1])
-        output[..., start:stop] += delta
+        add_to_columns(output, out_slice, delta)
         return output
 
     return hook

@@ -61,7 +61,7 @@ DECODERS: dict[str, tuple[str, str, dict]] = {
     ),
 }
 # Every tiny architecture the exactness tests run on; "-eager" builds use eager attention.
-ARCHS = [*DECODERS, "gemma3-eager", "opt", "gpt2", "roberta", "bert"]
+ARCHS = [*DECODERS, "gemma3-eager", "opt", "gpt_neox", "gpt2", "roberta", "bert"]
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -92,6 +92,17 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
             **{**common, "init_std": 0.2},
         )
         net = transformers.OPTForCausalLM(cfg)
+    elif arch == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            rotary_pct=0.5,  # rotary on half of each head, as Pythia
+            **common,
+        )
+        net = transformers.GPTNeoXForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
         net = GPT2LMHeadModel(cfg)
@@ -140,11 +151,14 @@ def random_examples(backbone, n: int, seed: int, min_len=4, max_len=14) -> list[
 
 
 def merged_reference_logits(
-    server, z: np.ndarray, examples: list[Encoded], verbalizer
+    server, z: np.ndarray, examples: list[Encoded], verbalizer, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Plain HF forwards, one example at a time, with every layer's delta merged into a copy."""
+    """Plain HF forwards, one example at a time, with every layer's delta merged into a copy
+    (cast to `dtype` first when given: an fp32 truth for a bf16 server)."""
     backbone = server.backbone
     net = copy.deepcopy(backbone.model)
+    if dtype is not None:
+        net = net.to(dtype)
     # Unwrap the adapters in the copy so its forward is the stock HF one.
     for layer_index, layer in enumerate(backbone.arch.layers(net)):
         for target in server.space.config.targets:

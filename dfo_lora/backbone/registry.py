@@ -37,7 +37,8 @@ class Projection:
 
     `module` is a dotted path relative to the layer. `out_slice` is set when several
     projections are fused into one module (GPT-2's `c_attn` holds q, k and v side by
-    side): the low-rank delta then only touches those output columns. `reads_layer_input`
+    side; GPT-NeoX's `query_key_value` interleaves them per head, given as several
+    ranges): the low-rank delta then only touches those output columns. `reads_layer_input`
     marks projections whose input is the layer's (normalised) input, identical for every
     candidate at the layer being searched, so their base output can be shared.
     `writes_residual` marks projections whose output is added to the residual stream
@@ -45,7 +46,7 @@ class Projection:
     """
 
     module: str
-    out_slice: tuple[int, int] | None = None
+    out_slice: tuple[int, int] | tuple[tuple[int, int], ...] | None = None
     reads_layer_input: bool = False
     writes_residual: bool = False
 
@@ -240,6 +241,25 @@ def _phi3_projections(model) -> dict[str, Projection]:
     }
 
 
+# ---------------------------------------------------------------- GPT-NeoX (Pythia)
+def _neox_projections(model) -> dict[str, Projection]:
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    size = cfg.hidden_size // heads
+
+    def part(i: int) -> tuple[tuple[int, int], ...]:  # query_key_value is [q | k | v] per head
+        return tuple((h * 3 * size + i * size, h * 3 * size + (i + 1) * size) for h in range(heads))
+
+    return {
+        "q": Projection("attention.query_key_value", part(0), reads_layer_input=True),
+        "k": Projection("attention.query_key_value", part(1), reads_layer_input=True),
+        "v": Projection("attention.query_key_value", part(2), reads_layer_input=True),
+        "o": Projection("attention.dense", writes_residual=True),
+        "up": Projection("mlp.dense_h_to_4h"),
+        "down": Projection("mlp.dense_4h_to_h", writes_residual=True),
+    }
+
+
 # ---------------------------------------------------------------- OPT
 def _opt_head(model, h):
     decoder = model.model.decoder
@@ -291,6 +311,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     },
     "gpt2": Architecture("gpt2", fused_projections=_gpt2_projections),
     "phi3": Architecture("phi3", fused_projections=_phi3_projections),
+    "gpt_neox": Architecture("gpt_neox", fused_projections=_neox_projections),
     "opt": Architecture("opt", head_transform=_opt_head),
     "roberta": ROBERTA,
     "bert": BERT,

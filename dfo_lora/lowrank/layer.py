@@ -22,6 +22,33 @@ import torch
 from torch import nn
 
 Factors = tuple[torch.Tensor, torch.Tensor]
+# A target's output columns in its module: None (all of them), (start, stop) for a slice of
+# a fused module (GPT-2's c_attn), or several (start, stop) ranges for interleaved layouts
+# (GPT-NeoX's query_key_value holds [q | k | v] per head).
+OutSlice = tuple[int, int] | tuple[tuple[int, int], ...] | None
+
+
+def out_columns(out_slice: OutSlice) -> slice | list[int]:
+    """An index for a target's output columns (last dim of outputs, first of Linear weights)."""
+    if out_slice is None:
+        return slice(None)
+    if isinstance(out_slice[0], int):
+        return slice(*out_slice)
+    return [col for start, stop in out_slice for col in range(start, stop)]
+
+
+def out_width(out_slice: OutSlice, out_features: int) -> int:
+    """How many output columns a target owns."""
+    cols = out_columns(out_slice)
+    return len(range(out_features)[cols]) if isinstance(cols, slice) else len(cols)
+
+
+def add_to_columns(out: torch.Tensor, out_slice: OutSlice, delta: torch.Tensor) -> None:
+    """out[..., target's columns] += delta, in place."""
+    if out_slice is None:
+        out.add_(delta)
+    else:
+        out[..., out_columns(out_slice)] += delta
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
@@ -32,14 +59,14 @@ def projection_shape(module: nn.Module) -> tuple[int, int]:
     return weight.shape[0], weight.shape[1]
 
 
-def merge_delta(module: nn.Module, delta: torch.Tensor, out_slice: tuple[int, int] | None) -> None:
+def merge_delta(module: nn.Module, delta: torch.Tensor, out_slice: OutSlice) -> None:
     """Add a dense delta (out, in) into the frozen weight in place (export, references)."""
-    start, stop = out_slice or (0, projection_shape(module)[1])
+    cols = out_columns(out_slice)
     with torch.no_grad():
         if isinstance(module, nn.Linear):
-            module.weight[start:stop] += delta.to(module.weight.dtype)
+            module.weight[cols] += delta.to(module.weight.dtype)
         else:  # Conv1D: y = x @ W + b with W (in, out)
-            module.weight[:, start:stop] += delta.T.to(module.weight.dtype)
+            module.weight[:, cols] += delta.T.to(module.weight.dtype)
 
 
 class AdaptedProjection(nn.Module):
@@ -50,7 +77,7 @@ class AdaptedProjection(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.out_slices: dict[str, tuple[int, int] | None] = {}
+        self.out_slices: dict[str, OutSlice] = {}
         self.committed: dict[str, Factors] = {}
         self.candidates: dict[str, Factors] = {}
         self.shared_input = False
@@ -59,13 +86,12 @@ class AdaptedProjection(nn.Module):
     def shape(self) -> tuple[int, int]:
         return projection_shape(self.base)
 
-    def add_target(self, target: str, out_slice: tuple[int, int] | None) -> None:
+    def add_target(self, target: str, out_slice: OutSlice) -> None:
         self.out_slices[target] = out_slice
 
     def target_shape(self, target: str) -> tuple[int, int]:
         in_features, out_features = self.shape
-        out_slice = self.out_slices[target]
-        return in_features, (out_slice[1] - out_slice[0]) if out_slice else out_features
+        return in_features, out_width(self.out_slices[target], out_features)
 
     def set_committed(self, target: str, factors: Factors | None) -> None:
         if factors is None:
@@ -83,11 +109,7 @@ class AdaptedProjection(nn.Module):
         self.shared_input = False
 
     def _add(self, out: torch.Tensor, target: str, delta: torch.Tensor) -> None:
-        out_slice = self.out_slices[target]
-        if out_slice is None:
-            out.add_(delta)
-        else:
-            out[..., out_slice[0] : out_slice[1]] += delta
+        add_to_columns(out, self.out_slices[target], delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.candidates:
@@ -128,7 +150,7 @@ class AdaptedProjection(nn.Module):
 
 
 def install_adapters(
-    layer: nn.Module, targets: dict[str, tuple[str, tuple[int, int] | None]]
+    layer: nn.Module, targets: dict[str, tuple[str, OutSlice]]
 ) -> dict[str, AdaptedProjection]:
     """Wrap a layer's target modules once: {target: (module path, out slice)} -> wrappers."""
     wrappers: dict[str, AdaptedProjection] = {}

@@ -31,6 +31,7 @@ import torch
 from dfo_lora.backbone import Backbone
 from dfo_lora.errors import UserError
 from dfo_lora.lowrank import LowRankConfig, ProjectionMoments, clipped_std
+from dfo_lora.lowrank.layer import out_columns
 from dfo_lora.server.batching import Bucket, make_buckets
 from dfo_lora.server.losses import LOSSES, per_example_loss
 from dfo_lora.spaces import SpaceStatistics, space_class, take
@@ -217,8 +218,8 @@ class EvaluationServer:
                 out_cov = _mean_cov(*sums[(id(wrapper), "out")])[1]
                 out_slice = self.arch.projection(self.model, target).out_slice
                 if out_slice is not None:  # a fused module's own columns
-                    start, stop = out_slice
-                    out_cov = out_cov[start:stop, start:stop]
+                    cols = out_columns(out_slice)
+                    out_cov = out_cov[cols][:, cols]
                 per_target[target] = ProjectionMoments(mean, cov, out_cov)
             moments.append(per_target)
         return moments

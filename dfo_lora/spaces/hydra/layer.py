@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfo_lora.lowrank.layer import projection_shape
+from dfo_lora.lowrank.layer import OutSlice, add_to_columns, out_width, projection_shape
 
 HydraWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # A, B, R
 
@@ -41,7 +41,7 @@ class HydraProjection(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.out_slices: dict[str, tuple[int, int] | None] = {}
+        self.out_slices: dict[str, OutSlice] = {}
         self.committed: dict[str, HydraWeights] = {}
         self.candidates: dict[str, HydraWeights] = {}
 
@@ -51,8 +51,7 @@ class HydraProjection(nn.Module):
 
     def target_shape(self, target: str) -> tuple[int, int]:
         in_features, out_features = self.shape
-        out_slice = self.out_slices[target]
-        return in_features, (out_slice[1] - out_slice[0]) if out_slice else out_features
+        return in_features, out_width(self.out_slices[target], out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -73,7 +72,7 @@ class HydraProjection(nn.Module):
             if out_slice is None:
                 out = out + delta
             else:  # a fused module (GPT-2's c_attn): only this target's columns
-                out[..., out_slice[0] : out_slice[1]] += delta
+                add_to_columns(out, out_slice, delta)
         return out
 
 
