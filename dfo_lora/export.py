@@ -72,7 +72,7 @@ def merge_into(model: nn.Module, arch, factors: Factors) -> None:
 
 def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
     """(target module names, {module: (A, B)} of the fused LoRA per module, rank pattern)."""
-    from dfo_lora.lowrank.layer import out_columns, out_width, projection_shape
+    from dfo_lora.lowrank.layer import out_columns, projection_shape
 
     prefix = layer_prefix(model, arch)
     per_module: dict[str, list] = {}
@@ -96,7 +96,7 @@ def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
 def zero_factors(model: nn.Module, arch, targets, rank: int) -> Factors:
     """Factors of the zero state for every layer and target: a LoRA that changes nothing
     (what a run whose dev-selected state is the unmodified model exports)."""
-    from dfo_lora.lowrank.layer import out_columns, out_width, projection_shape
+    from dfo_lora.lowrank.layer import out_width, projection_shape
 
     factors = {}
     for index, layer in enumerate(arch.layers(model)):

@@ -14,6 +14,7 @@ import torch
 from dfo_lora.backbone.registry import mlp_site
 from dfo_lora.config import TuneConfig, load_config
 from dfo_lora.errors import UserError
+from dfo_lora.lowrank.layer import add_to_columns
 from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
 from dfo_lora.spaces import (
     SPACES,
@@ -25,7 +26,6 @@ from dfo_lora.spaces import (
     unwrap_all,
 )
 from tests.test_server_exactness import ARCHS, VERBALIZER, make_server, rel_err
-from dfo_lora.lowrank.layer import add_to_columns
 from tests.tiny_models import hf_logits, random_examples, tiny_model
 
 RTOL = 1e-4
