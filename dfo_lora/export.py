@@ -20,7 +20,8 @@ data or the projections' statistics.
 
 All are written in fp32 into a staging folder and renamed into place, so a failed export
 leaves nothing behind. A state that is the unmodified model (z = 0 everywhere, e.g. a run
-whose dev selection kept the zero state) exports as a LoRA of zeros on the run's targets.
+whose dev selection kept the zero state) exports as a LoRA of zeros on the run's targets
+(native: as no weights at all).
 """
 
 from __future__ import annotations
