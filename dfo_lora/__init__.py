@@ -2,11 +2,12 @@
 
 from dfo_lora import TuneConfig, tune
 results = tune(TuneConfig(task="mr", budget=600), out="runs/mr")
+model = load_tuned("runs/mr-native")  # after `dfo-lora export runs/mr --format native ...`
 """
 
 from dfo_lora.errors import UserError
 
-__all__ = ["TuneConfig", "UserError", "load_config", "tune"]
+__all__ = ["TuneConfig", "UserError", "load_config", "load_tuned", "tune"]
 __version__ = "0.1.0"
 
 
@@ -20,4 +21,8 @@ def __getattr__(name: str):
         from dfo_lora.search.run import tune
 
         return tune
+    if name == "load_tuned":
+        from dfo_lora.native import load_tuned
+
+        return load_tuned
     raise AttributeError(name)

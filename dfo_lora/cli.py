@@ -117,6 +117,23 @@ def optimizers_epilog() -> str:
     )
 
 
+EXPORT_FORMATS = """\
+formats by space:
+  lora                        peft, merged or native
+  hydra, series, parallel     native only (the change depends on each token's input:
+                              no fixed weight delta to merge)
+
+  peft    a folder that PeftModel.from_pretrained(base, DIR) loads (LoRA, scaling 1;
+          fused modules such as GPT-2's c_attn get B zero outside each target's slice)
+  merged  the base model with the deltas added to its weights, loadable by
+          AutoModelForCausalLM / AutoModelForMaskedLM.from_pretrained(DIR)
+  native  the base model's reference (not its weights), the space, its config and the
+          state's weights; dfo_lora.load_tuned(DIR) returns the HF model with the
+          space's modules installed and the tuned weights in them
+
+All in fp32; DIR must not exist."""
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="dfo-lora",
@@ -147,15 +164,15 @@ def build_parser() -> ArgumentParser:
 
     export = sub.add_parser(
         "export",
-        help="write a finished run's tuned adapters as a PEFT adapter or a merged model",
-        description="peft: a folder that PeftModel.from_pretrained(base, DIR) loads (LoRA "
-        "with scaling 1; fused modules such as GPT-2's c_attn get B zero outside each "
-        "target's slice). merged: the base model with the deltas added to its weights, "
-        "loadable by AutoModelForCausalLM / AutoModelForMaskedLM.from_pretrained. Both in "
-        "fp32; DIR must not exist.",
+        help="write a finished run's tuned state as a PEFT adapter, a merged model or the "
+        "native format",
+        description=EXPORT_FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("run", metavar="RUN_DIR", help="output folder of `dfo-lora tune`")
-    export.add_argument("--format", required=True, help="peft | merged")
+    export.add_argument(
+        "--format", required=True, help="peft | merged (lora runs) | native (every space)"
+    )
     export.add_argument(
         "--state", default="best", help="best (dev-selected, default) | final (last searched)"
     )

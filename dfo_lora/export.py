@@ -1,4 +1,4 @@
-"""`dfo-lora export RUN --format peft|merged [--state best|final] --out DIR`.
+"""`dfo-lora export RUN --format peft|merged|native [--state best|final] --out DIR`.
 
 A tuned LoRA state is a set of factor pairs: for each layer and target, A (r, in) and
 B (out, r), delta = B @ A added to the projection's weight. `tune` stores them in fp32 in
@@ -14,9 +14,14 @@ data or the projections' statistics.
 - `merged`: the base model with every delta added to its weights, saved with its
   tokenizer: loadable by `AutoModelForCausalLM` / `AutoModelForMaskedLM.from_pretrained`.
 
-Both are written in fp32 into a staging folder and renamed into place, so a failed export
+- `native` (every space; the only one for hydra, series and parallel, whose change depends
+  on the input): the base model's reference, the space and its config and the state's
+  fp32 weights, which `dfo_lora.load_tuned(DIR)` installs (see dfo_lora/native.py).
+
+All are written in fp32 into a staging folder and renamed into place, so a failed export
 leaves nothing behind. A state that is the unmodified model (z = 0 everywhere, e.g. a run
-whose dev selection kept the zero state) exports as a LoRA of zeros on the run's targets.
+whose dev selection kept the zero state) exports as a LoRA of zeros on the run's targets
+(native: as no weights at all).
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, did_you_mean
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "native")
 STATES = ("best", "final")
 Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, target) -> (A, B)
 
@@ -43,13 +48,18 @@ def factor_tensors(factors: dict[str, np.ndarray], state: str) -> dict[str, np.n
     return {f"{state}.{key}": np.ascontiguousarray(value) for key, value in factors.items()}
 
 
-def read_factors(tensors: dict[str, np.ndarray], state: str) -> Factors:
+def read_factors(tensors: dict[str, np.ndarray], state: str | None = None) -> Factors:
+    """LoRA's factors from "<layer>.<target>.A|B" arrays (with `state`: from the entries
+    "<state>.<layer>.<target>.A|B" of tuned.safetensors)."""
+    if state is not None:
+        prefix = f"{state}."
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     factors: Factors = {}
     for key, value in tensors.items():
         parts = key.split(".")
-        if len(parts) == 4 and parts[0] == state and parts[3] == "A":
-            layer, target = int(parts[1]), parts[2]
-            b = tensors[f"{state}.{layer}.{target}.B"]
+        if len(parts) == 3 and parts[2] == "A":
+            layer, target = int(parts[0]), parts[1]
+            b = tensors[f"{layer}.{target}.B"]
             factors[(layer, target)] = (torch.from_numpy(value), torch.from_numpy(b))
     return factors
 
@@ -150,48 +160,81 @@ def check_mergeable(space: str, fmt: str) -> None:
         }.get(space, "its change depends on the input")
         raise UserError(
             f"export: a {space} run cannot be exported as {fmt}: {why}, so it is no fixed "
-            "weight delta to merge (only lora runs export)"
+            "weight delta to merge (only lora runs do); use --format native"
         )
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, state: str = "best") -> Path:
     """Export a finished run's tuned state (checks first, then writes `out` atomically)."""
-    from dfo_lora.backbone import load_backbone
-    from dfo_lora.backbone.loading import resolve_source
-    from dfo_lora.search.run import load_tuned_factors
+    from dfo_lora.search.run import load_tuned_state
 
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
-        raise UserError(f"export: format {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise UserError(
+            f"export: format {fmt!r} is not one of {', '.join(FORMATS)}"
+            + did_you_mean(fmt, FORMATS)
+        )
     if state not in STATES:
         raise UserError(f"export: state {state!r} is not one of {', '.join(STATES)}")
     if not (run_dir / "results.json").is_file():
         raise UserError(f"export: {run_dir} has no results.json (the run has not finished)")
     if out.exists():
         raise UserError(f"export: {out} exists; choose a new --out folder")
-    factors, config = load_tuned_factors(run_dir, state)
+    tensors, config = load_tuned_state(run_dir, state)
+    if fmt == "native":  # no base model needed: the manifest refers to it
+
+        def write(staging: Path) -> None:
+            from dfo_lora.native import write_native
+
+            write_native(
+                staging,
+                tensors,
+                config.model,
+                config.space_config(),
+                state,
+                str(run_dir.resolve()),
+                config.trust_remote_code,
+            )
+
+    else:
+        write = lora_writer(fmt, tensors, config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write(staging)
+        if fmt != "native":  # the native manifest is this file
+            note = {"run": str(run_dir.resolve()), "format": fmt, "state": state}
+            (staging / "dfo_lora_export.json").write_text(json.dumps(note, indent=2))
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def lora_writer(fmt: str, tensors: dict[str, np.ndarray], config):
+    """Checks a peft or merged export (a LoRA run; peft installed), loads the base model
+    and returns what writes the export into a staging folder."""
+    from dfo_lora.backbone import load_backbone
+    from dfo_lora.backbone.loading import resolve_source
+
     check_mergeable(config.space, fmt)
     if fmt == "peft":
         from dfo_lora.baselines.lora import require_peft
 
         require_peft("export --format peft")
+    factors = read_factors(tensors)
     backbone = load_backbone(config.model, "fp32", "cpu")
     model, arch = backbone.model, backbone.arch
     if not factors:  # the state is the unmodified model: an adapter that changes nothing
         factors = zero_factors(model, arch, config.space_config().targets, config.rank)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def write(staging: Path) -> None:
         if fmt == "peft":
             save_peft(model, arch, factors, config.rank, staging, resolve_source(config.model)[0])
         else:
             merge_into(model, arch, factors)
             model.save_pretrained(staging, safe_serialization=True)
             backbone.tokenizer.save_pretrained(staging)
-        note = {"run": str(run_dir.resolve()), "format": fmt, "state": state}
-        (staging / "dfo_lora_export.json").write_text(json.dumps(note, indent=2))
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+
+    return write

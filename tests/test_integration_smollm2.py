@@ -108,3 +108,38 @@ def test_export_of_a_smollm2_run_gives_the_tool_logits(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(export_run(run, "merged", tmp_path / "m"))
     for model in (peft_model, merged):
         assert rel_err(exported_logits(model, server, "test"), want) <= 1e-4
+
+
+def test_native_export_of_a_smollm2_hydra_run_gives_the_tool_logits(tmp_path):
+    """A short hydra run (top 2 layers) on the real model, exported natively: the model
+    `load_tuned` returns gives the tool's test logits in a stock HF forward."""
+    import dfo_lora
+    from dfo_lora.config import TuneConfig
+    from dfo_lora.export import export_run
+    from dfo_lora.search.run import load_tuned, tune
+    from tests.test_export import exported_logits
+    from tests.test_server_exactness import rel_err
+
+    config = TuneConfig(
+        model="smollm2-135m",
+        task="sst2",
+        test_limit=24,
+        dtype="fp32",
+        space="hydra",
+        targets=["v", "o"],
+        hydra_heads=2,
+        intrinsic_dim=16,
+        alpha=0.05,
+        layers="top:2",
+        popsize=6,
+        budget=12,
+        select="final",
+    ).validate()
+    run = tmp_path / "run"
+    tune(config, run, progress=False)
+    z, config = load_tuned(run)
+    assert np.any(z)
+    server = build_server(config.server_spec())
+    server.set_state(z)
+    model = dfo_lora.load_tuned(export_run(run, "native", tmp_path / "native"))
+    assert rel_err(exported_logits(model, server, "test"), server.predict("test")["logits"]) <= 1e-4

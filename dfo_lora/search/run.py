@@ -9,8 +9,9 @@ Output folder:
                        of the calibrated zero state (`calibrated_zero_shot`, whatever the
                        run's objective), evaluations, wall time, peak memory, versions;
 - `tuned.safetensors` z per layer of the best-dev state (+ the space's settings), which
-                       `dfo-lora eval` loads, and the fp32 factors A, B of the best and the
-                       final state, which `dfo-lora export` writes as PEFT or merged weights.
+                       `dfo-lora eval` loads, and the fp32 weights of the best and the final
+                       state (the space's `export_tensors`; LoRA: factors A, B), which
+                       `dfo-lora export` writes as PEFT, merged or native weights.
 """
 
 from __future__ import annotations
@@ -209,10 +210,9 @@ def save_tuned(
     tmp.replace(path)
 
 
-def load_tuned_factors(run_dir: Path, state: str = "best"):
-    """The fp32 factors of a run's best or final state and its config, for `export`."""
-    from dfo_lora.export import read_factors
-
+def load_tuned_state(run_dir: Path, state: str = "best"):
+    """The fp32 weights of a run's best or final state ("<layer>.<group>.<name>", the
+    space's `export_tensors`; LoRA: the factors A, B) and its config, for `export`."""
     tensors, config = _read_tuned(run_dir)
     if not any(key.startswith(("best.", "final.")) for key in tensors):
         if np.any(tensors["z"]):
@@ -220,7 +220,8 @@ def load_tuned_factors(run_dir: Path, state: str = "best"):
                 f"export: {run_dir}/tuned.safetensors holds z only (tuned before exports "
                 f"existed); re-run it: dfo-lora tune --config {run_dir}/config.yaml --out NEW"
             )
-    return read_factors(tensors, state), config
+    prefix = f"{state}."
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, config
 
 
 def load_tuned(run_dir: Path) -> tuple[np.ndarray, TuneConfig]:
