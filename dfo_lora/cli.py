@@ -57,6 +57,7 @@ GROUPS = {
         "layer_order",
         "commit",
         "select",
+        "fit_on",
         "z_penalty",
         "elitist",
         "eval_every",

@@ -41,6 +41,7 @@ def opt(default, help_text: str, shown: str | None = None):
     return field(default=default, metadata=metadata)
 
 
+FIT_SPLITS = ("train", "train+dev")
 OPTIMIZERS = policy.RUN_OPTIMIZERS  # the optim registry's names + hybrid
 BACKENDS = ("local", "ray")
 
@@ -123,6 +124,11 @@ class TuneConfig:
         "state tested at the end: metric (best dev metric, ties by dev loss: BBT's rule) | "
         "loss (lowest dev loss) | final (the last state, no selection)",
     )
+    fit_on: str = opt(
+        "train",
+        "train | train+dev: the split the search fits; train+dev fits all 2k examples per "
+        "class (the dev split is then fitted, so it needs select: final)",
+    )
     z_penalty: float = opt(
         0.0, "adds z_penalty * mean(z**2) of a candidate to its train loss (decay on z)"
     )
@@ -155,6 +161,11 @@ class TuneConfig:
         _check_choice("layer_order", self.layer_order, LAYER_ORDERS)
         _check_choice("commit", self.commit, COMMITS)
         _check_choice("select", self.select, SELECTIONS)
+        _check_choice("fit_on", self.fit_on, FIT_SPLITS)
+        if self.fit_on == "train+dev" and self.select != "final":
+            raise UserError(
+                f"fit_on: train+dev fits the dev split, so select must be final (got {self.select!r})"
+            )
         if not self.z_penalty >= 0:
             raise UserError(f"z_penalty: must be >= 0, got {self.z_penalty}")
         _check_choice("loss", self.loss, LOSSES)
@@ -266,6 +277,7 @@ class TuneConfig:
             dtype=self.dtype,
             device=self.device,
             trust_remote_code=self.trust_remote_code,
+            fit_on=self.fit_on,
             max_length=self.max_length,
             test_limit=self.test_limit,
             loss=self.loss,

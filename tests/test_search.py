@@ -336,3 +336,16 @@ def test_z_penalty_steers_towards_small_z(tiny_llama_dir, tmp_path):
         tiny_config(tiny_llama_dir, z_penalty=-1.0)
     with pytest.raises(UserError, match="select"):
         tiny_config(tiny_llama_dir, select="best")
+
+
+def test_fit_on_train_and_dev_fits_every_labelled_example(tiny_llama_dir):
+    plain = build_server(tiny_config(tiny_llama_dir, k=4, dtype="fp32").server_spec())
+    config = tiny_config(tiny_llama_dir, k=4, dtype="fp32", fit_on="train+dev", select="final")
+    both = build_server(config.server_spec())
+    assert plain.split_sizes["train"] == plain.split_sizes["dev"] == 8
+    assert both.split_sizes["train"] == 16 and both.split_sizes["dev"] == 8
+    # the fitted split is the train split followed by the dev split
+    want = np.concatenate([plain.predict("train")["logits"], plain.predict("dev")["logits"]])
+    assert np.allclose(both.predict("train")["logits"], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="select must be final"):
+        TuneConfig(fit_on="train+dev").validate()

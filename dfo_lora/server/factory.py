@@ -33,6 +33,7 @@ class ServerSpec:
     space: object = field(default_factory=LowRankConfig)
     options: ServerOptions = field(default_factory=ServerOptions)
     trust_remote_code: bool = False
+    fit_on: str = "train"  # "train+dev": the server's train split holds train and dev
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +59,8 @@ def build_server(
         name: encode(data.spec, examples, backbone.tokenizer, causal, spec.max_length)
         for name, examples in (("train", data.train), ("dev", data.dev), ("test", data.test))
     }
+    if spec.fit_on == "train+dev":  # fit (and calibrate on) every labelled example
+        splits["train"] = splits["train"] + splits["dev"]
     return EvaluationServer(
         backbone,
         splits,
