@@ -21,6 +21,7 @@ one line saying what is missing.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -139,7 +140,28 @@ class Architecture:
 
 
 # ---------------------------------------------------------------- discovery
+# What was discovered per model object: the layer list and the final norm keep their
+# identity once loaded (adapters wrap projections inside the layers, never these), and
+# scoring asks for them on every chunk, so the module tree is scanned once.
+_DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached(model: nn.Module, key: str, find: Callable[[], object]):
+    found = _DISCOVERED.setdefault(model, {})
+    if key not in found:
+        found[key] = find()
+    return found[key]
+
+
 def _find_layers(model: nn.Module, arch: str) -> nn.ModuleList:
+    layers = _cached(model, "layers", lambda: _scan_layers(model, arch))
+    if len(layers) != model.config.get_text_config().num_hidden_layers:  # edited since
+        _DISCOVERED[model].clear()
+        layers = _cached(model, "layers", lambda: _scan_layers(model, arch))
+    return layers
+
+
+def _scan_layers(model: nn.Module, arch: str) -> nn.ModuleList:
     count = model.config.get_text_config().num_hidden_layers
     found = [
         (name, module)
@@ -186,6 +208,10 @@ def _discover_projections(layer: nn.Module, arch: str) -> dict[str, Projection]:
 
 
 def _final_norm(model: nn.Module, arch: Architecture) -> Head:
+    return _cached(model, "final_norm", lambda: _scan_final_norm(model, arch))
+
+
+def _scan_final_norm(model: nn.Module, arch: Architecture) -> Head:
     layers_name = {id(m): n for n, m in model.named_modules()}[id(arch.layers(model))]
     norms = [
         module
