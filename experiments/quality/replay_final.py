@@ -1,0 +1,82 @@
+"""Replay the `final` selection rule on finished quality-benchmark runs, without new search.
+
+    python experiments/quality/replay_final.py runs/quality [MORE_FOLDERS...] --out FILE.jsonl
+
+A run's `results.json` reports its dev-selected state (`select: metric`, the default). Its
+checkpoint also holds the last searched state (`z` of checkpoint/state.safetensors): this
+scores that state on dev and test in the run's own server (same config, data, dtype and
+calibration as `tune`), so the two rules can be compared on the same searches. One JSON
+row per run is appended to FILE (resumable: runs already in FILE are skipped):
+task, seed, test/dev of the selected state (from results.json), of the final state, and
+of the calibrated zero state; the selected state is scored again as a check of the replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from safetensors.numpy import load_file
+
+from dfo_lora.search.run import load_tuned
+from dfo_lora.server.factory import build_server
+
+
+def tuning_runs(folders: list[str]):
+    """Every finished tuning run (results.json with a checkpoint) below the folders."""
+    for folder in folders:
+        for results in sorted(Path(folder).rglob("results.json")):
+            run = results.parent
+            if (run / "checkpoint" / "state.safetensors").is_file():
+                yield run
+
+
+def replay(run: Path) -> dict:
+    results = json.loads((run / "results.json").read_text())
+    final_z = load_file(str(run / "checkpoint" / "state.safetensors"))["z"]
+    selected_z, config = load_tuned(run)
+    server = build_server(config.server_spec())
+    server.set_state(selected_z)  # replayed: must equal results.json's tuned.test
+    replayed = server.evaluate("test")
+    server.set_state(final_z)
+    final = {split: server.evaluate(split) for split in ("dev", "test")}
+    metric = results.get("metric", "accuracy")
+    return {
+        "run": str(run),
+        "task": config.task,
+        "seed": config.seed,
+        "metric": metric,
+        "selected_test": results["tuned"]["test"][metric],
+        "selected_dev": results["tuned"]["dev"][metric],
+        "best_dev_evals": results["best_dev_evals"],
+        "selected_test_replayed": replayed[metric],
+        "final_test": final["test"][metric],
+        "final_dev": final["dev"][metric],
+        "calibrated_test": results["calibrated_zero_shot"]["test"][metric],
+        "evaluations": results["evaluations"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    done = set()
+    if out.is_file():
+        done = {json.loads(line)["run"] for line in out.read_text().splitlines() if line}
+    for run in tuning_runs(args.folders):
+        if str(run) in done:
+            continue
+        row = replay(run)
+        with out.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        print(json.dumps(row, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
