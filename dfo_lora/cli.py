@@ -36,6 +36,7 @@ GROUPS = {
         "rank",
         "hydra_heads",
         "adapter_size",
+        "adapter_down",
         "intrinsic_dim",
         "alpha",
         "sigma",

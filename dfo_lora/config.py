@@ -83,6 +83,12 @@ class TuneConfig:
     rank: int = opt(4, "r of every LoRA factor pair (lora, hydra)")
     hydra_heads: int = opt(3, "hydra: N, the B heads mixed per token by the router")
     adapter_size: int = opt(8, "series, parallel: bottleneck width of each adapter")
+    adapter_down: str = opt(
+        "searched",
+        "series, parallel: searched (z -> down and up) | pca: down fixed to the top "
+        "adapter_size principal directions of what the adapter reads, z -> up only "
+        "(linear in z)",
+    )
     intrinsic_dim: int = opt(500, "d: entries of z per layer")
     alpha: float = opt(1.0, "projection std multiplier (BBTv2)")
     sigma: float = opt(1.0, "optimizer's initial step size (also in the projection std)")
@@ -256,6 +262,7 @@ class TuneConfig:
             rank=self.rank,
             heads=self.hydra_heads,
             size=self.adapter_size,
+            down=self.adapter_down,
             intrinsic_dim=self.intrinsic_dim,
             alpha=self.alpha,
             sigma=self.sigma,
@@ -315,6 +322,7 @@ SPACE_OPTIONS: dict[str, tuple[str, ...]] = {
     "basis_dim": ("lora",),
     "hydra_heads": ("hydra",),
     "adapter_size": ("series", "parallel"),
+    "adapter_down": ("series", "parallel"),
 }
 assert all(s in SPACE_NAMES for spaces in SPACE_OPTIONS.values() for s in spaces)
 

@@ -25,7 +25,7 @@ from tests.test_server_exactness import VERBALIZER, make_server, rel_err
 from tests.test_spaces import build
 from tests.tiny_models import hf_logits
 
-SPACES = ["lora", "hydra", "series", "parallel"]
+SPACES = ["lora", "hydra", "series", "parallel", "series-pca", "parallel-pca"]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,10 @@ def runs(tiny_llama_dir, tmp_path_factory):
     def run(space: str):
         if space not in made:
             out = tmp_path_factory.mktemp(space) / "run"
+            name, _, down = space.partition("-")  # "series-pca": down fixed to pca
+            extra = {"adapter_down": down} if down else {}
             config = tiny_config(
-                tiny_llama_dir, space=space, budget=36, select="final", dtype="fp32"
+                tiny_llama_dir, space=name, budget=36, select="final", dtype="fp32", **extra
             )
             tune(config, out, progress=False)
             made[space] = out
@@ -66,7 +68,7 @@ def test_native_export_of_a_run_gives_the_tool_logits(space, runs, tmp_path):
         else:
             export_run(run, "native", out, state)
         manifest = json.loads((out / MANIFEST).read_text())
-        assert manifest["model"] == config.model and manifest["space"] == space
+        assert manifest["model"] == config.model and manifest["space"] == config.space
         assert manifest["state"] == state and manifest["format_version"] == 1
         assert sorted(p.name for p in out.iterdir()) == [MANIFEST, WEIGHTS]
         model = dfo_lora.load_tuned(out)

@@ -6,6 +6,7 @@ cached equals uncached; and their bad input is one line."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +33,11 @@ RTOL = 1e-4
 
 
 def space_of(name: str, **overrides):
+    """A space config by test name: "hydra", "series", "parallel", or an adapter space with
+    its down fixed, "series-pca" / "parallel-pca"."""
+    name, _, down = name.partition("-")
+    if down:
+        overrides = {"down": down, **overrides}
     common = dict(intrinsic_dim=40, alpha=3.0, sigma=1.0, seed=3)
     if name == "hydra":
         return HydraConfig(**{**common, "targets": ("q", "v", "o"), "rank": 4, **overrides})
@@ -40,7 +46,7 @@ def space_of(name: str, **overrides):
     return ParallelConfig(**{**common, "size": 4, **overrides})
 
 
-SPACE_NAMES = ["hydra", "series", "parallel"]
+SPACE_NAMES = ["hydra", "series", "parallel", "series-pca", "parallel-pca"]
 
 
 def build(arch: str, name: str, options: ServerOptions | None = None, **overrides):
@@ -87,7 +93,7 @@ def reference_logits(server, z: np.ndarray, examples) -> torch.Tensor:
                 proj = arch.projection(net, target)
                 module = layer.get_submodule(proj.module)
                 module.register_forward_hook(_hydra_hook(proj.out_slice, a, b, router))
-        elif space.name == "series":
+        elif space.name == "series":  # down searched or fixed: weights() gives both
             for target, (down, up) in weights.items():
                 module = layer.get_submodule(arch.projection(net, target).module)
                 module.register_forward_hook(_series_hook(down, up))
@@ -211,10 +217,49 @@ def test_small_z_is_a_small_change():
         assert abs(losses[1] - losses[0]) < 1e-3, name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["series", "parallel"])
+def test_pca_down_is_the_whitened_top_directions_of_what_the_site_reads(arch, name):
+    """down = "pca": each site's down rows are the top principal directions of the second
+    moment of its input over the real train tokens (measured here with plain hooks on a
+    stock copy), with unit second moment along each; z moves up only, linearly."""
+    server, splits = build(arch, f"{name}-pca")
+    net = unwrap_all(copy.deepcopy(server.model))
+    layer = server.arch.layers(net)[1]
+    if name == "series":
+        sites = {t: (server.arch.projection(net, t).module, "out") for t in server.adapted[1]}
+    else:
+        sites = {"mlp": (mlp_site(server.arch, layer).reads, "in")}
+    seen: dict[str, list] = {site: [] for site in sites}
+    for site, (path, side) in sites.items():
+
+        def keep(module, args, output, site=site, side=side):
+            seen[site].append((args[0] if side == "in" else output).detach())
+
+        layer.get_submodule(path).register_forward_hook(keep)
+    hf_logits(net, splits["train"], VERBALIZER)  # one example at a time: no padding
+    down = server.space.fixed_down(1)
+    for site, values in seen.items():
+        x = torch.cat([v.reshape(-1, v.shape[-1]) for v in values]).double()
+        second = x.T @ x / x.shape[0]
+        rows = down[site].double()
+        assert rows.shape == (4, x.shape[1])
+        # unit second moment along each row, and uncorrelated rows
+        assert torch.allclose(rows @ second @ rows.T, torch.eye(4, dtype=torch.float64), atol=1e-3)
+        top = torch.linalg.eigh(second)[1][:, -4:]  # the top 4 directions
+        projected = top @ (top.T @ rows.T)
+        assert torch.allclose(projected, rows.T, atol=1e-4 * float(rows.abs().max()))
+    z1, z2 = torch.randn(2, server.dim, generator=torch.Generator().manual_seed(0))
+    both = server.space.weights(1, torch.stack([z1, z2, z1 + z2]), torch.float32)
+    for down_p, up_p in both.values():
+        assert torch.equal(down_p[0], down_p[2]) and torch.equal(down_p[1], down_p[2])
+        assert torch.allclose(up_p[0] + up_p[1], up_p[2], atol=1e-6)
+
+
 def test_registry_maps_configs_to_spaces():
     assert set(SPACES) == {"lora", "hydra", "series", "parallel"}
     assert space_class(TuneConfig().space_config()) is LoraSpace
-    for name in SPACE_NAMES:
+    for name in ("hydra", "series", "parallel"):
         config = load_config(None, {"space": name, "intrinsic_dim": 60})
         assert space_class(config.space_config()).name == name
 
@@ -233,10 +278,16 @@ def test_registry_maps_configs_to_spaces():
         ({"space": "hydra", "hydra_heads": 0}, "hydra_heads: must be a positive integer"),
         ({"space": "parallel", "adapter_size": 0}, "adapter_size: must be a positive integer"),
         ({"space": "hydra", "intrinsic_dim": 9}, "intrinsic_dim: 9 is fewer than the 10"),
+        ({"space": "series", "adapter_down": "pac"}, "adapter_down: 'pac' is not one of"),
+        ({"space": "lora", "adapter_down": "pca"}, "adapter_down: not used by the lora space"),
+        (
+            {"space": "series", "adapter_down": "pca", "targets": "o,down", "intrinsic_dim": 1},
+            "intrinsic_dim: 1 is fewer than the 2 weights (up per target)",
+        ),
     ],
 )
 def test_bad_space_options_are_one_line_errors(values, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(")) as info:
+    with pytest.raises(UserError, match=re.escape(message)) as info:
         load_config(None, values)
     assert "\n" not in str(info.value)
 
@@ -277,7 +328,9 @@ def test_tune_end_to_end(name, tiny_llama_dir, tmp_path):
     from dfo_lora.server.factory import build_server
     from tests.test_search import tiny_config
 
-    config = tiny_config(tiny_llama_dir, space=name, budget=6 * 3 * 2, select="final")
+    name, _, down = name.partition("-")
+    extra = {"adapter_down": down} if down else {}
+    config = tiny_config(tiny_llama_dir, space=name, budget=6 * 3 * 2, select="final", **extra)
     results = tune(config, tmp_path / "run", progress=False)
     assert results["evaluations"] == 36
     assert results["server"]["space"] == name

@@ -117,12 +117,14 @@ class EvaluationServer:
         # The train split's statistics the space asks for, measured on the zero state.
         needs = kind.requirements(space)
         sigma_hat = self._sigma_hat()
-        moments = head = None
+        moments = head = sites = None
         if needs.moment_targets:
             moments = self._projection_moments(needs.moment_targets)
         if needs.head_targets:
             head = self._head_directions(needs.head_targets)
-        stats = SpaceStatistics(sigma_hat, moments, head)
+        if needs.site_moments:
+            sites = self._site_moments()
+        stats = SpaceStatistics(sigma_hat, moments, head, sites)
         self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
 
@@ -175,10 +177,48 @@ class EvaluationServer:
             sigma.append(clipped_std(real))
         return sigma
 
-    @torch.inference_mode()
     def _projection_moments(self, targets: tuple[str, ...]) -> list[dict[str, ProjectionMoments]]:
         """Each adapted projection's input mean and covariance and output covariance over
         the real train tokens of the zero state (fp64 sums), for data-informed spaces."""
+        projections = {t: self.arch.projection(self.model, t) for t in targets}
+        # The module at each target's path (the space's wrapper, if it has one: at the
+        # zero state its input and output are the frozen projection's).
+        recorded = self._module_moments(
+            lambda j: {t: self.layers[j].get_submodule(p.module) for t, p in projections.items()}
+        )
+        moments = []
+        for per_module in recorded:
+            per_target = {}
+            for target, sides in per_module.items():
+                mean, cov = sides["in"]
+                out_cov = sides["out"][1]
+                out_slice = projections[target].out_slice
+                if out_slice is not None:  # a fused module's own columns
+                    cols = out_columns(out_slice)
+                    out_cov = out_cov[cols][:, cols]
+                per_target[target] = ProjectionMoments(mean, cov, out_cov)
+            moments.append(per_target)
+        return moments
+
+    def _site_moments(self) -> list[dict[str, ProjectionMoments]]:
+        """The mean and covariance of what each of the space's sites reads (its `sources`:
+        a module's input or output) over the real train tokens of the zero state."""
+        recorded = self._module_moments(
+            lambda j: {s: m for s, (m, _) in self.adapted[j].sources.items()}
+        )
+        return [
+            {
+                site: ProjectionMoments(*sides[self.adapted[j].sources[site][1]])
+                for site, sides in per_module.items()
+            }
+            for j, per_module in enumerate(recorded)
+        ]
+
+    @torch.inference_mode()
+    def _module_moments(self, modules_of) -> list[dict[str, dict[str, tuple]]]:
+        """Per layer j, for each named module of `modules_of(j)`: the (mean, covariance) of
+        its input ("in") and output ("out") over the real train tokens of the zero state,
+        from fp64 sums over the cached layer inputs."""
         masks = [b.attention_mask.bool() for b in self.buckets["train"]]
         moments = []
         for j in range(self.num_layers):
@@ -194,13 +234,8 @@ class EvaluationServer:
                     acc[1] = acc[1] + x.sum(0)
                     acc[2] = acc[2] + x.T @ x
 
-            # The module at each target's path (the space's wrapper, if it has one: at the
-            # zero state its input and output are the frozen projection's).
-            wrappers = {
-                t: self.layers[j].get_submodule(self.arch.projection(self.model, t).module)
-                for t in targets
-            }
-            modules = {id(w): w for w in wrappers.values()}
+            named = modules_of(j)
+            modules = {id(m): m for m in named.values()}
             hooks = [m.register_forward_hook(record) for m in modules.values()]
             try:
                 for h, bucket, mask in zip(
@@ -211,17 +246,12 @@ class EvaluationServer:
             finally:
                 for hook in hooks:
                     hook.remove()
-            per_target = {}
-            for target in targets:
-                wrapper = wrappers[target]
-                mean, cov = _mean_cov(*sums[(id(wrapper), "in")])
-                out_cov = _mean_cov(*sums[(id(wrapper), "out")])[1]
-                out_slice = self.arch.projection(self.model, target).out_slice
-                if out_slice is not None:  # a fused module's own columns
-                    cols = out_columns(out_slice)
-                    out_cov = out_cov[cols][:, cols]
-                per_target[target] = ProjectionMoments(mean, cov, out_cov)
-            moments.append(per_target)
+            moments.append(
+                {
+                    name: {side: _mean_cov(*sums[(id(m), side)]) for side in ("in", "out")}
+                    for name, m in named.items()
+                }
+            )
         return moments
 
     @torch.inference_mode()

@@ -51,6 +51,7 @@ class StatisticsRequest:
 
     moment_targets: tuple[str, ...] = ()  # projections whose input/output moments it reads
     head_targets: tuple[str, ...] = ()  # verbalizer head directions, for these targets
+    site_moments: bool = False  # mean/covariance of what each site reads (`sources`)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class SpaceStatistics:
     sigma_hat: list[float]  # per layer: std of its input hidden states (layer 0: embeddings)
     moments: list[dict[str, ProjectionMoments]] | None = None
     head_directions: torch.Tensor | None = None  # (C, H)
+    # per layer, per site of the space's modules: (mean, cov) of what it reads (out_cov None)
+    site_moments: list[dict[str, ProjectionMoments]] | None = None
 
 
 class LayerModules(Protocol):
@@ -73,6 +76,9 @@ class LayerModules(Protocol):
 
     def commit(self, weights: Weights | None) -> None:
         """Keep one state (weights of P = 1), or None for the zero state."""
+
+    # Spaces that ask for `site_moments` also give, per site, the module whose input
+    # ("in") or output ("out") the site reads: `sources: dict[str, tuple[nn.Module, str]]`.
 
 
 class SearchSpace(ABC):

@@ -5,10 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, did_you_mean
+
+# How `down` is set: searched (z -> down and up, LLM-Adapters' two trained matrices) or
+# pca (down fixed to the adapter input's top principal directions, whitened; z -> up only,
+# so the change up(z) @ tanh(down x) is linear in z, like LoRA's `a_factor pca`).
+DOWN_FACTORS = ("searched", "pca")
+
+
+def weights_per_site(config) -> int:
+    """Weights z makes per adapter site: down and up, or up alone (down fixed)."""
+    return 1 if config.down == "pca" else 2
 
 
 def _validate_common(config) -> None:
+    if config.down not in DOWN_FACTORS:
+        raise UserError(
+            f"adapter_down: {config.down!r} is not one of {', '.join(DOWN_FACTORS)}"
+            f"{did_you_mean(config.down, DOWN_FACTORS)}"
+        )
     for name in ("intrinsic_dim",):
         if getattr(config, name) <= 0:
             raise UserError(f"{name}: must be a positive integer, got {getattr(config, name)}")
@@ -32,6 +47,7 @@ class SeriesConfig:
     alpha: float = 1.0  # projection std multiplier
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
+    down: str = "searched"  # searched | pca (see DOWN_FACTORS)
 
     def validate(self) -> None:
         _validate_common(self)
@@ -49,10 +65,12 @@ class SeriesConfig:
                 "and the MLP output: down for "
                 "llama, proj for gpt2, output for bert/roberta)"
             )
-        if self.intrinsic_dim < 2 * len(self.targets):
+        per_site = weights_per_site(self)
+        if self.intrinsic_dim < per_site * len(self.targets):
+            what = "down, up" if per_site == 2 else "up"
             raise UserError(
                 f"intrinsic_dim: {self.intrinsic_dim} is fewer than the "
-                f"{2 * len(self.targets)} weights (down, up per target) of the series space"
+                f"{per_site * len(self.targets)} weights ({what} per target) of the series space"
             )
 
 
@@ -66,10 +84,11 @@ class ParallelConfig:
     alpha: float = 1.0  # projection std multiplier
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
+    down: str = "searched"  # searched | pca (see DOWN_FACTORS)
 
     def validate(self) -> None:
         _validate_common(self)
-        if self.intrinsic_dim < 2:
+        if self.intrinsic_dim < weights_per_site(self):
             raise UserError(
                 f"intrinsic_dim: must be at least 2 (down, up), got {self.intrinsic_dim}"
             )

@@ -4,6 +4,14 @@ z_l is split into 2 chunks per site, down then up, each through its own seeded r
 scaled from sigma_hat (`ProjectedSpace`): z = 0 gives down = up = 0, the unmodified model.
 Sites: series, one per target projection (its output, which writes the residual stream);
 parallel, one per layer, beside the MLP (the registry's `MLP_SITES`).
+
+With `down = "pca"` each site's down (m, in) is fixed instead: its rows are the top-m
+principal directions of the uncentred second moment E[s s^T] of what the site reads
+(s, over the train split's real tokens, zero state), each scaled so that E[(row . s)^2] = 1;
+z_l has one chunk per site, for up. The change up(z) @ tanh(down s) is then linear in z
+(the searched space is bilinear: a step of z moves the loss only to second order at
+z = 0), and tanh sees inputs of unit size, in its near-linear range for most tokens.
+The uncentred moment keeps the mean's direction, which tanh would otherwise saturate on.
 """
 
 from __future__ import annotations
@@ -14,23 +22,32 @@ from torch import nn
 from dfo_lora.backbone.registry import mlp_site
 from dfo_lora.errors import UserError
 from dfo_lora.lowrank.layer import projection_shape
-from dfo_lora.spaces.adapters.config import ParallelConfig, SeriesConfig
+from dfo_lora.lowrank.space import ProjectionMoments
+from dfo_lora.spaces.adapters.config import ParallelConfig, SeriesConfig, weights_per_site
 from dfo_lora.spaces.adapters.layer import AdapterModule, Stash, Tap
 from dfo_lora.spaces.base import (
     LayerModules,
     ProjectedSpace,
     SpaceStatistics,
+    StatisticsRequest,
     Weights,
     wrap_module,
 )
 
 
 class AdapterLayer(dict):
-    """One layer's `AdapterModule`s by site, with the (in, out) widths of each."""
+    """One layer's `AdapterModule`s by site, with the (in, out) widths of each and, per
+    site, the module whose input ("in") or output ("out") the adapter reads."""
 
-    def __init__(self, modules: dict[str, AdapterModule], widths: dict[str, tuple[int, int]]):
+    def __init__(
+        self,
+        modules: dict[str, AdapterModule],
+        widths: dict[str, tuple[int, int]],
+        sources: dict[str, tuple[nn.Module, str]],
+    ):
         super().__init__(modules)
         self.widths = widths
+        self.sources = sources
 
     def set_candidates(self, weights: Weights) -> None:
         for site, module in self.items():
@@ -58,9 +75,24 @@ class AdapterSpace(ProjectedSpace):
     mergeable = False
     tensor_names = ("down", "up")
 
-    def __init__(self, config, widths: dict[str, tuple[int, int]], sigma_hat, device):
+    def __init__(
+        self,
+        config,
+        widths: dict[str, tuple[int, int]],
+        sigma_hat,
+        device,
+        site_moments: list[dict[str, ProjectionMoments]] | None = None,
+    ):
         self.widths = widths  # site -> (in, out), the same in every layer
+        if config.down == "pca" and site_moments is None:
+            raise UserError("adapter_down pca: needs the moments of what each site reads")
+        self.site_moments = site_moments
+        self._fixed_down: dict[int, dict[str, torch.Tensor]] = {}
         super().__init__(config, sigma_hat, device)
+
+    @classmethod
+    def requirements(cls, config) -> StatisticsRequest:
+        return StatisticsRequest(site_moments=config.down == "pca")
 
     @classmethod
     def build(
@@ -72,20 +104,41 @@ class AdapterSpace(ProjectedSpace):
         stats: SpaceStatistics,
         device: torch.device,
     ) -> AdapterSpace:
-        return cls(config, dict(modules[0].widths), stats.sigma_hat, device)
+        widths = dict(modules[0].widths)
+        return cls(config, widths, stats.sigma_hat, device, stats.site_moments)
 
     def _chunk_numels(self) -> list[int]:
         m = self.config.size
+        if weights_per_site(self.config) == 1:  # down fixed: up only
+            return [out * m for _, out in self.widths.values()]
         return [n for inp, out in self.widths.values() for n in (m * inp, out * m)]
+
+    def fixed_down(self, layer: int) -> dict[str, torch.Tensor]:
+        """The layer's fixed down (m, in) per site (`down = "pca"`), fp32, on the device."""
+        if layer not in self._fixed_down:
+            downs = {}
+            for site, moments in self.site_moments[layer].items():
+                mean = moments.mean.double().cpu()
+                second = moments.cov.double().cpu() + torch.outer(mean, mean)
+                values, vectors = torch.linalg.eigh(second)  # ascending
+                top = torch.arange(len(values) - 1, len(values) - 1 - self.config.size, -1)
+                scale = values[top].clamp_min(1e-12 * float(values[-1])).rsqrt()
+                downs[site] = (vectors[:, top].T * scale[:, None]).float().to(self.device)
+            self._fixed_down[layer] = downs
+        return self._fixed_down[layer]
 
     def weights(self, layer: int, z: torch.Tensor, dtype: torch.dtype) -> Weights:
         """z (P, d) -> {site: (down (P, m, in), up (P, out, m))}."""
         pieces = self.project(layer, z)
         m = self.config.size
+        per_site = weights_per_site(self.config)
         out = {}
         for i, (site, (inp, width)) in enumerate(self.widths.items()):
-            down = pieces[2 * i].view(-1, m, inp)
-            up = pieces[2 * i + 1].view(-1, width, m)
+            if per_site == 1:
+                down = self.fixed_down(layer)[site].expand(z.shape[0], m, inp)
+            else:
+                down = pieces[2 * i].view(-1, m, inp)
+            up = pieces[per_site * i + per_site - 1].view(-1, width, m)
             out[site] = (down.to(dtype), up.to(dtype))
         return out
 
@@ -99,7 +152,7 @@ class SeriesSpace(AdapterSpace):
     def install(
         cls, config: SeriesConfig, arch, model: nn.Module, layer: nn.Module
     ) -> AdapterLayer:
-        modules, widths = {}, {}
+        modules, widths, sources = {}, {}, {}
         writers = [n for n, p in arch.projections(model).items() if p.writes_residual]
         for target in config.targets or writers:
             proj = arch.projection(model, target)
@@ -111,7 +164,8 @@ class SeriesSpace(AdapterSpace):
             module = wrap_module(layer, proj.module, lambda m: _adapter(m, series=True))
             out_features = projection_shape(module.base)[1]
             modules[target], widths[target] = module, (out_features, out_features)
-        return AdapterLayer(modules, widths)
+            sources[target] = (module, "out")  # at the zero state: the projection's output
+        return AdapterLayer(modules, widths, sources)
 
 
 class ParallelSpace(AdapterSpace):
@@ -127,9 +181,12 @@ class ParallelSpace(AdapterSpace):
         hidden = int(model.config.hidden_size)
         if site.reads == site.writes:
             module = wrap_module(layer, site.writes, lambda m: _adapter(m, series=False))
+            reads = module
         else:  # two modules: a Tap keeps the first one's input for the adapter on the second
             tap = layer.get_submodule(site.reads)
             stash = tap.stash if isinstance(tap, Tap) else Stash()
-            wrap_module(layer, site.reads, lambda m: m if isinstance(m, Tap) else Tap(m, stash))
+            reads = wrap_module(
+                layer, site.reads, lambda m: m if isinstance(m, Tap) else Tap(m, stash)
+            )
             module = wrap_module(layer, site.writes, lambda m: _adapter(m, False, stash))
-        return AdapterLayer({"mlp": module}, {"mlp": (hidden, hidden)})
+        return AdapterLayer({"mlp": module}, {"mlp": (hidden, hidden)}, {"mlp": (reads, "in")})
