@@ -366,3 +366,35 @@ def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tm
             means.append(np.mean(tests))
         assert cells[2] == f"{np.mean(means):.1f}"
     assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 1000
+
+
+def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path):
+    """experiments/quality/replay_final.py scores a finished run's last state: the same
+    numbers a `tune --select final` run of the same search reports (selection does not
+    steer the search), and its results rows carry them under their own method name."""
+    import importlib.util
+
+    from dfo_lora.search.run import tune
+    from tests.test_search import tiny_config
+
+    spec = importlib.util.spec_from_file_location(
+        "replay_final", ROOT / "experiments" / "quality" / "replay_final.py"
+    )
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+
+    selected = tune(tiny_config(tiny_llama_dir, select="metric"), tmp_path / "sweep" / "a")
+    final = tune(tiny_config(tiny_llama_dir, select="final"), tmp_path / "b", progress=False)
+    assert selected["best_dev_evals"] < selected["evaluations"]  # best and final states differ
+    out, results = tmp_path / "replays.jsonl", tmp_path / "results.jsonl"
+    argv = [str(tmp_path / "sweep"), "--out", str(out), "--results", str(results)]
+    assert replay.main(argv) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["selected_test"] == row["selected_test_replayed"]
+    assert row["selected_test"] == selected["tuned"]["test"]["accuracy"]
+    assert row["final_test"] == final["tuned"]["test"]["accuracy"]
+    assert row["final_dev"] == final["tuned"]["dev"]["accuracy"]
+    assert replay.main(argv) == 0  # resumable: nothing replayed twice
+    assert len(out.read_text().splitlines()) == 1
+    (merged,) = summarizer.load_rows(results)
+    assert merged["method"] == "cma/recommended+final" and merged["test"] == row["final_test"]

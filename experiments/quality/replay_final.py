@@ -1,6 +1,7 @@
 """Replay the `final` selection rule on finished quality-benchmark runs, without new search.
 
-    python experiments/quality/replay_final.py runs/quality [MORE_FOLDERS...] --out FILE.jsonl
+    python experiments/quality/replay_final.py runs/quality [MORE_FOLDERS...] --out FILE.jsonl \
+        [--results experiments/quality/results.jsonl --method cma/recommended+final]
 
 A run's `results.json` reports its dev-selected state (`select: metric`, the default). Its
 checkpoint also holds the last searched state (`z` of checkpoint/state.safetensors): this
@@ -9,6 +10,12 @@ calibration as `tune`), so the two rules can be compared on the same searches. O
 row per run is appended to FILE (resumable: runs already in FILE are skipped):
 task, seed, test/dev of the selected state (from results.json), of the final state, and
 of the calibrated zero state; the selected state is scored again as a check of the replay.
+
+The selection rule does not steer the search (dev checks only decide which state is kept),
+so the final state's scores are exactly what `tune --select final` reports for the same
+search. With `--results`, each replayed run also becomes a row of the benchmark's results
+file (summarize.py's row of the run, with the final state's test and dev and the method
+name `--method`), so the next `summarize.py` tabulates the rule beside the others.
 """
 
 from __future__ import annotations
@@ -22,6 +29,29 @@ from safetensors.numpy import load_file
 
 from dfo_lora.search.run import load_tuned
 from dfo_lora.server.factory import build_server
+
+HERE = Path(__file__).resolve().parent
+
+
+def summarizer():
+    """experiments/quality/summarize.py as a module (its row format and results file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_summarize", HERE / "summarize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def results_rows(replays: list[dict], method: str) -> list[dict]:
+    """summarize.py's row of each replayed run, with the final state's test and dev."""
+    summarize = summarizer()
+    rows = []
+    for replay in replays:
+        row = summarize.read_run(Path(replay["run"]))
+        row.update(method=method, test=replay["final_test"], dev=replay["final_dev"])
+        rows.append(row)
+    return rows
 
 
 def tuning_runs(folders: list[str]):
@@ -63,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--results", type=Path, help="merge rows into this results.jsonl")
+    parser.add_argument("--method", default="cma/recommended+final")
     args = parser.parse_args(argv)
     out = Path(args.out)
     done = set()
@@ -75,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         with out.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         print(json.dumps(row, sort_keys=True), flush=True)
+    if args.results:
+        summarize = summarizer()
+        replays = [json.loads(line) for line in out.read_text().splitlines() if line]
+        rows = summarize.merge(
+            summarize.load_rows(args.results), results_rows(replays, args.method)
+        )
+        summarize.save_rows(args.results, rows)
+        print(f"{args.results}: {len(replays)} replayed rows merged", file=sys.stderr)
     return 0
 
 
