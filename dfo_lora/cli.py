@@ -284,10 +284,15 @@ def summary(results: dict, out: Path) -> str:
     lines.append(
         f"{name}: dev {metric} {zs['dev'][metric]:.4f}  test {metric} {zs['test'][metric]:.4f}"
     )
+    if results.get("select") == "final":
+        which = f"the last state, after {results['evaluations']} evaluations"
+    else:
+        which = (
+            f"best dev after {results['best_dev_evals']} of {results['evaluations']} evaluations"
+        )
     lines.append(
         f"tuned                : dev {metric} {tuned['dev'][metric]:.4f}  test {metric} "
-        f"{tuned['test'][metric]:.4f}  (best dev after {results['best_dev_evals']} of "
-        f"{results['evaluations']} evaluations, {results['wall_time_s']:.0f} s)"
+        f"{tuned['test'][metric]:.4f}  ({which}, {results['wall_time_s']:.0f} s)"
     )
     return "\n".join(lines) + f"\nresults in {out}/results.json"
 

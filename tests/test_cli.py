@@ -201,3 +201,21 @@ def test_tune_on_an_unknown_model_type_is_one_line_exit_2(tmp_path):
     line = one_line_error(run_cli("tune", "--model", tmp_path, "--out", tmp_path / "run"))
     assert "not_a_model" in line and "config.json" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_summary_says_which_state_was_tested(tmp_path):
+    """The tuned line names the rule: the dev-selected state, or the last one."""
+    from dfo_lora.cli import summary
+
+    split = {"accuracy": 0.5, "loss": 0.7}
+    results = {
+        "metric": "accuracy",
+        "zero_shot": {"dev": split, "test": split},
+        "tuned": {"dev": split, "test": split},
+        "best_dev_evals": 600,
+        "evaluations": 1200,
+        "wall_time_s": 3.0,
+    }
+    assert "(best dev after 600 of 1200 evaluations" in summary(results, tmp_path)
+    final = summary({**results, "select": "final"}, tmp_path)
+    assert "(the last state, after 1200 evaluations, 3 s)" in final

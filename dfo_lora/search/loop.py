@@ -304,6 +304,7 @@ class LayerwiseSearch:
             "tuned": {"dev": self.best_dev, "test": test},
             "zero_shot": self.zero_shot,
             "best_dev_evals": self.best_dev_evals,
+            "select": self.config.select,
             "evaluations": self.position.evals,
             "rounds": self.rounds,
             "wall_time_s": self.elapsed_before + time.perf_counter() - self._started,
