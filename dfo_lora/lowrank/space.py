@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, check_positive, check_targets
 
 DEFAULT_TARGETS = ("q", "k")
 A_FACTORS = ("searched", "pca", "random")
@@ -74,16 +74,8 @@ class LowRankConfig:
         return len(self.targets) * (2 if self.searches_a else 1)
 
     def validate(self) -> None:
-        for name in ("rank", "intrinsic_dim"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
-        for name in ("alpha", "sigma"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
-        if not self.targets:
-            raise UserError("targets: at least one projection is needed (e.g. q,k)")
-        if len(set(self.targets)) != len(self.targets):
-            raise UserError(f"targets: duplicate entries in {','.join(self.targets)}")
+        check_positive(self, ("rank", "intrinsic_dim"), ("alpha", "sigma"))
+        check_targets(self.targets)
         if self.b_basis not in B_BASES:
             raise UserError(f"b_basis: {self.b_basis!r} is not one of {', '.join(B_BASES)}")
         if self.basis_dim <= 0:

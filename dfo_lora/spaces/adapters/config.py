@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dfo_lora.errors import UserError, did_you_mean
+from dfo_lora.errors import UserError, check_positive, check_targets, did_you_mean
 
 # How `down` is set: searched (z -> down and up, LLM-Adapters' two trained matrices) or
 # pca (down fixed to the adapter input's top principal directions, whitened; z -> up only,
@@ -24,14 +24,9 @@ def _validate_common(config) -> None:
             f"adapter_down: {config.down!r} is not one of {', '.join(DOWN_FACTORS)}"
             f"{did_you_mean(config.down, DOWN_FACTORS)}"
         )
-    for name in ("intrinsic_dim",):
-        if getattr(config, name) <= 0:
-            raise UserError(f"{name}: must be a positive integer, got {getattr(config, name)}")
+    check_positive(config, ("intrinsic_dim",), ("alpha", "sigma"))
     if config.size <= 0:
         raise UserError(f"adapter_size: must be a positive integer, got {config.size}")
-    for name in ("alpha", "sigma"):
-        if not getattr(config, name) > 0:
-            raise UserError(f"{name}: must be positive, got {getattr(config, name)}")
 
 
 @dataclass(frozen=True)
@@ -53,10 +48,7 @@ class SeriesConfig:
         _validate_common(self)
         if self.targets is None:
             return
-        if not self.targets:
-            raise UserError("targets: series adapters need at least one place (e.g. o,down)")
-        if len(set(self.targets)) != len(self.targets):
-            raise UserError(f"targets: duplicate entries in {','.join(self.targets)}")
+        check_targets(self.targets, example="o,down")
         reads = [t for t in self.targets if t in ("q", "k", "v")]
         if reads:
             raise UserError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, check_positive, check_targets
 from dfo_lora.lowrank import DEFAULT_TARGETS
 
 
@@ -23,18 +23,10 @@ class HydraConfig:
     seed: int = 0  # seeds the random projections
 
     def validate(self) -> None:
-        for name in ("rank", "intrinsic_dim"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        check_positive(self, ("rank", "intrinsic_dim"), ("alpha", "sigma"))
         if self.heads < 1:
             raise UserError(f"hydra_heads: must be a positive integer, got {self.heads}")
-        for name in ("alpha", "sigma"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
-        if not self.targets:
-            raise UserError("targets: at least one projection is needed (e.g. q,k)")
-        if len(set(self.targets)) != len(self.targets):
-            raise UserError(f"targets: duplicate entries in {','.join(self.targets)}")
+        check_targets(self.targets)
         chunks = len(self.targets) * (self.heads + 2)
         if self.intrinsic_dim < chunks:
             raise UserError(
