@@ -17,7 +17,8 @@ What makes `score` fast (DESIGN.md §4), each exact up to dtype rounding:
   at most `max_tokens` tokens (by default sized from free device memory), which bounds
   memory;
 - shared first step: at layer l the base projections of the layer input run once;
-- verbalizer-only logits, at the slot position only;
+- verbalizer-only logits, at the slot position only; the last layer runs its attention
+  at every position and the rest (residual, norms, MLP) at the slot only;
 - length buckets: little padding (right padding; causal models need no padding mask).
 """
 
@@ -49,6 +50,7 @@ class ServerOptions:
     bucket_call_cost: int = 64  # padding tokens worth one more forward call, for bucketing
     max_buckets: int = 8  # length buckets per split at most
     prefix_cache: bool = True  # reuse layer inputs below the searched layer
+    slot_only_last_layer: bool = True  # last layer's MLP etc. at the slot position only
 
     def validate(self) -> None:
         for name in ("max_tokens", "max_buckets"):
@@ -364,14 +366,23 @@ class EvaluationServer:
         try:
             hidden = h0.repeat(num, 1, 1)  # (P'*n, T, H)
             inputs = self._stack_inputs[id(bucket)].repeat(num)
-            for j in range(layer, self.num_layers):
-                hidden = self.arch.run_layer(self.layers[j], hidden, inputs)
+            at_slot = self._run_to_slots(layer, hidden, inputs, bucket.slots.repeat(num))
         finally:
             modules.clear_candidates()
-        slots = bucket.slots.repeat(num)
-        at_slot = hidden[torch.arange(hidden.shape[0], device=hidden.device), slots]  # (P'*n, H)
         logits = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
         return logits.view(num, bucket.size, -1)
+
+    def _run_to_slots(self, first: int, hidden, inputs, slots: torch.Tensor) -> torch.Tensor:
+        """Layers first..L-1 on `hidden` (B, T, H); the last one's output at the slots (B, H)."""
+        last = self.num_layers - 1
+        for j in range(first, last):
+            hidden = self.arch.run_layer(self.layers[j], hidden, inputs)
+        if self.options.slot_only_last_layer:
+            return self.arch.run_layer_at_slots(
+                self.model, self.layers[last], hidden, inputs, slots
+            )
+        hidden = self.arch.run_layer(self.layers[last], hidden, inputs)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), slots]
 
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()
@@ -388,11 +399,7 @@ class EvaluationServer:
                 rows = slice(start, start + per_chunk)
                 ids = bucket.input_ids[rows]
                 hidden, inputs = self.arch.enter(self.model, ids, bucket.attention_mask[rows])
-                for layer in self.layers:
-                    hidden = self.arch.run_layer(layer, hidden, inputs)
-                at_slot = hidden[
-                    torch.arange(hidden.shape[0], device=hidden.device), bucket.slots[rows]
-                ]
+                at_slot = self._run_to_slots(0, hidden, inputs, bucket.slots[rows])
                 out = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
                 logits[bucket.order[rows]] = out.float().cpu().numpy()
                 labels[bucket.order[rows]] = bucket.labels[rows].cpu().numpy()
