@@ -19,7 +19,8 @@ What makes `score` fast (DESIGN.md §4), each exact up to dtype rounding:
 - shared first step: at layer l the base projections of the layer input run once;
 - verbalizer-only logits, at the slot position only; the last layer runs its attention
   at every position and the rest (residual, norms, MLP) at the slot only;
-- length buckets: little padding (right padding; causal models need no padding mask).
+- length buckets: little padding (right padding; causal models need no padding mask),
+  cut finer for the train split, which is scored P-stacked.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class ServerOptions:
     # on a CPU, on CUDA as many as a quarter of the free device memory holds
     max_tokens: int | None = None
     bucket_call_cost: int = 64  # padding tokens worth one more forward call, for bucketing
+    # The same for the train split, which `score` runs P times over (P candidates stacked):
+    # a padded token there costs P tokens of work while a bucket costs one more call per
+    # layer, so it pays to cut finer (sst2, k = 16: 462 tokens for 443 real in 8 buckets,
+    # against 537 in 3 at 64; BENCHMARKS.md "No wasted work").
+    train_bucket_call_cost: int = 4
     max_buckets: int = 8  # length buckets per split at most
     prefix_cache: bool = True  # reuse layer inputs below the searched layer
     slot_only_last_layer: bool = True  # last layer's MLP etc. at the slot position only
@@ -97,7 +103,9 @@ class EvaluationServer:
                 examples,
                 pad_id,
                 backbone.device,
-                self.options.bucket_call_cost,
+                self.options.train_bucket_call_cost
+                if name == "train"
+                else self.options.bucket_call_cost,
                 self.options.max_buckets,
             )
             for name, examples in splits.items()
