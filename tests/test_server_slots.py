@@ -101,3 +101,21 @@ def test_slot_only_in_bf16_equals_the_full_last_layer(arch):
         logits[slot_only] = server.predict("dev")["logits"]
     assert rel_err(scores[True], scores[False]) <= 2e-2, scores
     assert rel_err(logits[True], logits[False]) <= 2e-2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_finer_train_buckets_score_as_coarse_ones(arch):
+    """The train split's finer buckets (less padding for the P-stacked scoring) give the
+    scores of the coarse ones, and pad no more."""
+    rng = np.random.default_rng(10)
+    commit, cands = rng.normal(size=40), rng.normal(size=(4, 40))
+    got, padded = {}, {}
+    for cost in (None, 64):
+        options = ServerOptions(train_bucket_call_cost=cost)
+        server, _ = make_server(arch, options=options, n_train=16)
+        server.commit(0, commit)
+        got[cost] = server.score(1, cands)["loss"]
+        padded[cost] = server.info()["train_padded_tokens"]
+    assert rel_err(got[None], got[64]) <= 1e-5
+    if DEVICE.type == "cpu":
+        assert padded[None] < padded[64]

@@ -39,6 +39,9 @@ from dfo_lora.server.losses import LOSSES, per_example_loss
 from dfo_lora.spaces import SpaceStatistics, space_class, take
 
 CPU_CHUNK_TOKENS = 16384  # padded tokens per stacked chunk on a CPU (BENCHMARKS.md)
+# Padded tokens worth one more call for the P-stacked train split on a CPU: sst2, k = 16
+# gets 462 tokens for 443 real in 8 buckets (537 in 3 at 64; BENCHMARKS.md "No wasted work")
+TRAIN_CPU_BUCKET_CALL_COST = 4
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,9 @@ class ServerOptions:
     bucket_call_cost: int = 64  # padding tokens worth one more forward call, for bucketing
     # The same for the train split, which `score` runs P times over (P candidates stacked):
     # a padded token there costs P tokens of work while a bucket costs one more call per
-    # layer, so it pays to cut finer (sst2, k = 16: 462 tokens for 443 real in 8 buckets,
-    # against 537 in 3 at 64; BENCHMARKS.md "No wasted work").
-    train_bucket_call_cost: int = 4
+    # layer. None = auto: TRAIN_CPU_BUCKET_CALL_COST on a CPU, where FLOPs dominate and it
+    # pays to cut finer; `bucket_call_cost` on CUDA, where calls dominate (BENCHMARKS.md).
+    train_bucket_call_cost: int | None = None
     max_buckets: int = 8  # length buckets per split at most
     prefix_cache: bool = True  # reuse layer inputs below the searched layer
     slot_only_last_layer: bool = True  # last layer's MLP etc. at the slot position only
@@ -103,9 +106,7 @@ class EvaluationServer:
                 examples,
                 pad_id,
                 backbone.device,
-                self.options.train_bucket_call_cost
-                if name == "train"
-                else self.options.bucket_call_cost,
+                self._bucket_call_cost(name),
                 self.options.max_buckets,
             )
             for name, examples in splits.items()
@@ -135,6 +136,17 @@ class EvaluationServer:
         stats = SpaceStatistics(sigma_hat, moments, head)
         self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
+
+    def _bucket_call_cost(self, split: str) -> int:
+        """Padded tokens worth one more forward call when bucketing `split`."""
+        options = self.options
+        if split != "train":
+            return options.bucket_call_cost
+        if options.train_bucket_call_cost is not None:
+            return options.train_bucket_call_cost
+        if self.backbone.device.type == "cuda":
+            return options.bucket_call_cost
+        return TRAIN_CPU_BUCKET_CALL_COST
 
     # ------------------------------------------------------------------ facts
     @property
