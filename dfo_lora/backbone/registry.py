@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dfo_lora.backbone.stack import StackInputs, enter
+from dfo_lora.backbone.stack import StackInputs, enter, run_at_slots
 from dfo_lora.errors import UserError
 
 
@@ -99,6 +99,42 @@ class Architecture:
     @staticmethod
     def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: StackInputs) -> torch.Tensor:
         return inputs.call(layer, hidden)
+
+    def run_layer_at_slots(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        inputs: StackInputs,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """A layer's output (B, H) at each sequence's slot only (`stack.run_at_slots`):
+        for the last layer, whose other positions nothing reads. Exact for causal and
+        bidirectional (RoBERTa, BERT) layers: attention still sees every position."""
+        attention = layer.get_submodule(self.attention_path(model))
+        return run_at_slots(layer, attention, hidden, inputs, slots)
+
+    def attention_path(self, model: nn.Module) -> str:
+        """The attention module inside a layer: the deepest module holding both the q and
+        the o projection (`self_attn`, `attn`, `attention`; BERT's `attention` with its
+        output dense and LayerNorm)."""
+        return _cached(model, "attention", lambda: self._scan_attention(model))
+
+    def _scan_attention(self, model: nn.Module) -> str:
+        q = self.projection(model, "q").module.split(".")
+        o = self.projection(model, "o").module.split(".")
+        common = []
+        for a, b in zip(q[:-1], o[:-1], strict=False):
+            if a != b:
+                break
+            common.append(a)
+        if not common:
+            raise UserError(
+                f"cannot find the attention module of {self.name}: its q and o projections "
+                f"({'.'.join(q)}, {'.'.join(o)}) share no parent; add an entry to "
+                "dfo_lora/backbone/registry.py"
+            )
+        return ".".join(common)
 
     def word_embeddings(self, model: nn.Module) -> torch.Tensor:
         """(V, H) what the input embedding module gives each token (with any scaling)."""

@@ -14,6 +14,10 @@ candidates' stacked copies of it.
 Right padding: causal models are recorded without a padding mask (a real token never
 attends to a later pad), so fused causal attention keeps its fast path; masked LMs get
 their padding mask.
+
+`run_at_slots` runs a layer whose output is read at one position per sequence only (the
+last layer: the verbalizer reads the slot): attention at every position, everything
+after it at the slots.
 """
 
 from __future__ import annotations
@@ -139,3 +143,62 @@ def enter(
         )
     calls = {id(layer): sink[i][1:] for i, layer in enumerate(originals)}
     return sink[0][0], StackInputs(batch=ids.shape[0], calls=calls)
+
+
+class _StopLayer(Exception):
+    """Raised by the attention's pre-hook once its input is captured."""
+
+
+def run_at_slots(
+    layer: nn.Module,
+    attention: nn.Module,
+    hidden: torch.Tensor,
+    inputs: StackInputs,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """The layer's output (B, H) at one position per sequence, `positions` (B,).
+
+    Exact for causal and bidirectional layers alike: the attention module (`attention`,
+    the layer's child holding q..o) runs on every position, as its keys and values need
+    them; what the layer does after it (residual adds, norms, MLP) is per token and runs
+    at the B slot positions only, which saves most of the layer (an MLP is about 3/4 of
+    a decoder layer's matmuls). No family's layer code is copied: the layer runs twice
+    through its own forward, with hooks on the attention module. First on the full
+    hidden state until the attention is called (only the input norm runs), to capture
+    the attention's input; then on the B slot rows (B, 1, H), with the attention fed the
+    captured full input and its output cut to the slots.
+    """
+    captured: dict[str, tuple] = {}
+
+    def capture(module, args, kwargs):
+        captured["call"] = (args, kwargs)
+        raise _StopLayer
+
+    hook = attention.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        inputs.call(layer, hidden)
+    except _StopLayer:
+        pass
+    finally:
+        hook.remove()
+    if "call" not in captured:
+        raise UserError(
+            f"cannot run {type(layer).__name__} at the slots: it never called its attention"
+        )
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+
+    def cut(module, args, kwargs, output):
+        if isinstance(output, tuple):
+            return (output[0][rows, positions, None], *output[1:])
+        return output[rows, positions, None]
+
+    hooks = [
+        attention.register_forward_pre_hook(lambda m, a, k: captured["call"], with_kwargs=True),
+        attention.register_forward_hook(cut, with_kwargs=True),
+    ]
+    try:
+        out = inputs.call(layer, hidden[rows, positions, None])  # (B, 1, H)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out[:, 0]

@@ -17,8 +17,10 @@ What makes `score` fast (DESIGN.md §4), each exact up to dtype rounding:
   at most `max_tokens` tokens (by default sized from free device memory), which bounds
   memory;
 - shared first step: at layer l the base projections of the layer input run once;
-- verbalizer-only logits, at the slot position only;
-- length buckets: little padding (right padding; causal models need no padding mask).
+- verbalizer-only logits, at the slot position only; the last layer runs its attention
+  at every position and the rest (residual, norms, MLP) at the slot only;
+- length buckets: little padding (right padding; causal models need no padding mask),
+  cut finer for the train split, which is scored P-stacked.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from dfo_lora.server.losses import LOSSES, per_example_loss
 from dfo_lora.spaces import SpaceStatistics, space_class, take
 
 CPU_CHUNK_TOKENS = 16384  # padded tokens per stacked chunk on a CPU (BENCHMARKS.md)
+# Padded tokens worth one more call for the P-stacked train split on a CPU: sst2, k = 16
+# gets 462 tokens for 443 real in 8 buckets (537 in 3 at 64; BENCHMARKS.md "No wasted work")
+TRAIN_CPU_BUCKET_CALL_COST = 4
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,14 @@ class ServerOptions:
     # on a CPU, on CUDA as many as a quarter of the free device memory holds
     max_tokens: int | None = None
     bucket_call_cost: int = 64  # padding tokens worth one more forward call, for bucketing
+    # The same for the train split, which `score` runs P times over (P candidates stacked):
+    # a padded token there costs P tokens of work while a bucket costs one more call per
+    # layer. None = auto: TRAIN_CPU_BUCKET_CALL_COST on a CPU, where FLOPs dominate and it
+    # pays to cut finer; `bucket_call_cost` on CUDA, where calls dominate (BENCHMARKS.md).
+    train_bucket_call_cost: int | None = None
     max_buckets: int = 8  # length buckets per split at most
     prefix_cache: bool = True  # reuse layer inputs below the searched layer
+    slot_only_last_layer: bool = True  # last layer's MLP etc. at the slot position only
 
     def validate(self) -> None:
         for name in ("max_tokens", "max_buckets"):
@@ -95,7 +106,7 @@ class EvaluationServer:
                 examples,
                 pad_id,
                 backbone.device,
-                self.options.bucket_call_cost,
+                self._bucket_call_cost(name),
                 self.options.max_buckets,
             )
             for name, examples in splits.items()
@@ -127,6 +138,17 @@ class EvaluationServer:
         stats = SpaceStatistics(sigma_hat, moments, head, sites)
         self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
+
+    def _bucket_call_cost(self, split: str) -> int:
+        """Padded tokens worth one more forward call when bucketing `split`."""
+        options = self.options
+        if split != "train":
+            return options.bucket_call_cost
+        if options.train_bucket_call_cost is not None:
+            return options.train_bucket_call_cost
+        if self.backbone.device.type == "cuda":
+            return options.bucket_call_cost
+        return TRAIN_CPU_BUCKET_CALL_COST
 
     # ------------------------------------------------------------------ facts
     @property
@@ -394,14 +416,23 @@ class EvaluationServer:
         try:
             hidden = h0.repeat(num, 1, 1)  # (P'*n, T, H)
             inputs = self._stack_inputs[id(bucket)].repeat(num)
-            for j in range(layer, self.num_layers):
-                hidden = self.arch.run_layer(self.layers[j], hidden, inputs)
+            at_slot = self._run_to_slots(layer, hidden, inputs, bucket.slots.repeat(num))
         finally:
             modules.clear_candidates()
-        slots = bucket.slots.repeat(num)
-        at_slot = hidden[torch.arange(hidden.shape[0], device=hidden.device), slots]  # (P'*n, H)
         logits = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
         return logits.view(num, bucket.size, -1)
+
+    def _run_to_slots(self, first: int, hidden, inputs, slots: torch.Tensor) -> torch.Tensor:
+        """Layers first..L-1 on `hidden` (B, T, H); the last one's output at the slots (B, H)."""
+        last = self.num_layers - 1
+        for j in range(first, last):
+            hidden = self.arch.run_layer(self.layers[j], hidden, inputs)
+        if self.options.slot_only_last_layer:
+            return self.arch.run_layer_at_slots(
+                self.model, self.layers[last], hidden, inputs, slots
+            )
+        hidden = self.arch.run_layer(self.layers[last], hidden, inputs)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), slots]
 
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()
@@ -418,11 +449,7 @@ class EvaluationServer:
                 rows = slice(start, start + per_chunk)
                 ids = bucket.input_ids[rows]
                 hidden, inputs = self.arch.enter(self.model, ids, bucket.attention_mask[rows])
-                for layer in self.layers:
-                    hidden = self.arch.run_layer(layer, hidden, inputs)
-                at_slot = hidden[
-                    torch.arange(hidden.shape[0], device=hidden.device), bucket.slots[rows]
-                ]
+                at_slot = self._run_to_slots(0, hidden, inputs, bucket.slots[rows])
                 out = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
                 logits[bucket.order[rows]] = out.float().cpu().numpy()
                 labels[bucket.order[rows]] = bucket.labels[rows].cpu().numpy()
