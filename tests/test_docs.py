@@ -65,3 +65,17 @@ def test_quickstart_notebook_runs_end_to_end(monkeypatch, tmp_path):
     assert namespace["results"]["evaluations"] == 60
     png = work / "runs" / "notebook-mr" / "curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_experiment_sweep_file_loads():
+    """The sweep files under experiments/quality (benchmark, levers, spaces) are valid:
+    each expands to runs whose configs pass validation, so a user can resume any of them."""
+    from dfo_lora.distributed.sweep import load_sweep
+
+    files = sorted((ROOT / "experiments" / "quality").rglob("*.yaml"))
+    assert len(files) >= 6
+    for path in files:
+        sweep = load_sweep(path)
+        assert sweep.runs, path
+        for run in sweep.runs:
+            run.config.validate()
