@@ -32,7 +32,10 @@ SETTINGS = dict(
     budget=6 * 3 * 2,  # 2 rounds over 3 layers
     eval_every=12,
     intrinsic_dim=60,
-    max_tokens=500,  # chunks of 2, 4 and 2 candidates in the 3 length buckets: shares of 4
+    # chunks of 2, 4 and 2 candidates in 3 length buckets: shares of 4 (more, finer buckets,
+    # the CPU default for train, would make the shares' unit, their lcm, exceed a population)
+    max_buckets=3,
+    max_tokens=500,
 )
 
 
