@@ -98,6 +98,16 @@ def clipped_std(values: torch.Tensor, rounds: int = 5, width: float = 3.0) -> fl
     return float(x.std())
 
 
+def whitened_top_directions(moment: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, n) rows: the top-`count` eigenvectors of a symmetric (n, n) moment matrix,
+    largest first, each scaled by 1 / sqrt(its eigenvalue) so that the moment along it is
+    1 (a fixed LoRA A, a fixed adapter down). In the matrix's dtype (fp64 here)."""
+    values, vectors = torch.linalg.eigh(moment)  # ascending
+    top = torch.arange(len(values) - 1, len(values) - 1 - count, -1)
+    scale = values[top].clamp_min(1e-12 * float(values[-1])).rsqrt()
+    return vectors[:, top].T * scale[:, None]
+
+
 @dataclass(frozen=True)
 class FactorShape:
     """One factor pair's shape: A (rank, in_features), B (out_features, rank)."""
@@ -221,10 +231,7 @@ class LowRankSpace:
                 moments = self.moments[layer][shape.target]
                 cov = moments.cov.double().cpu()
                 if self.config.a_factor == "pca":
-                    values, vectors = torch.linalg.eigh(cov)  # ascending
-                    top = torch.arange(len(values) - 1, len(values) - 1 - self.config.rank, -1)
-                    scale = values[top].clamp_min(1e-12 * float(values[-1])).rsqrt()
-                    mat = vectors[:, top].T * scale[:, None]
+                    mat = whitened_top_directions(cov, self.config.rank)
                 else:
                     gen = torch.Generator().manual_seed(
                         (self.config.seed * 1_000_003 + layer * 1_009 + 500 + index) % (2**63)

@@ -80,7 +80,9 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _validate_common(self)
-        if self.intrinsic_dim < weights_per_site(self):
+        per_site = weights_per_site(self)
+        if self.intrinsic_dim < per_site:
+            what = "down, up" if per_site == 2 else "up"
             raise UserError(
-                f"intrinsic_dim: must be at least 2 (down, up), got {self.intrinsic_dim}"
+                f"intrinsic_dim: must be at least {per_site} ({what}), got {self.intrinsic_dim}"
             )

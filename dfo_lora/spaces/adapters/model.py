@@ -22,7 +22,7 @@ from torch import nn
 from dfo_lora.backbone.registry import mlp_site
 from dfo_lora.errors import UserError
 from dfo_lora.lowrank.layer import projection_shape
-from dfo_lora.lowrank.space import ProjectionMoments
+from dfo_lora.lowrank.space import ProjectionMoments, whitened_top_directions
 from dfo_lora.spaces.adapters.config import ParallelConfig, SeriesConfig, weights_per_site
 from dfo_lora.spaces.adapters.layer import AdapterModule, Stash, Tap
 from dfo_lora.spaces.base import (
@@ -120,10 +120,8 @@ class AdapterSpace(ProjectedSpace):
             for site, moments in self.site_moments[layer].items():
                 mean = moments.mean.double().cpu()
                 second = moments.cov.double().cpu() + torch.outer(mean, mean)
-                values, vectors = torch.linalg.eigh(second)  # ascending
-                top = torch.arange(len(values) - 1, len(values) - 1 - self.config.size, -1)
-                scale = values[top].clamp_min(1e-12 * float(values[-1])).rsqrt()
-                downs[site] = (vectors[:, top].T * scale[:, None]).float().to(self.device)
+                down = whitened_top_directions(second, self.config.size)
+                downs[site] = down.float().to(self.device)
             self._fixed_down[layer] = downs
         return self._fixed_down[layer]
 
