@@ -27,7 +27,6 @@ What is measured (all in one process, same model, data and dtype):
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import threading
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dfo_lora.backbone.fusion import eager, eager_copy
 from dfo_lora.errors import UserError
 from dfo_lora.lowrank import AdaptedProjection, merge_delta
 from dfo_lora.server import EvaluationServer, per_example_loss
@@ -130,12 +130,14 @@ def count_round_flops(server: EvaluationServer, popsize: int, rng) -> tuple[floa
     Some torch releases (2.11) cannot count grouped-query sdpa (Llama's kv heads fewer
     than its heads); the count is then taken with eager attention, which does the same
     matmuls (and counts the masked half of causal attention too: a few % more on small
-    models). Returns the FLOPs and the attention form they were counted in."""
-    try:
-        return _count_round_flops(server, popsize, rng), "sdpa"
-    except AssertionError:
-        with eager_attention(server.model):
-            return _count_round_flops(server, popsize, rng), "eager"
+    models). Compiled layers are counted eager: the same matmuls. Returns the FLOPs and
+    the attention form they were counted in."""
+    with eager(server.layers):
+        try:
+            return _count_round_flops(server, popsize, rng), "sdpa"
+        except AssertionError:
+            with eager_attention(server.model):
+                return _count_round_flops(server, popsize, rng), "eager"
 
 
 def _count_round_flops(server: EvaluationServer, popsize: int, rng) -> float:
@@ -191,7 +193,7 @@ class NaiveScorer:
 
 def plain_model_copy(server: EvaluationServer) -> torch.nn.Module:
     """A copy of the backbone with the adapter wrappers removed: the stock HF model."""
-    net = copy.deepcopy(server.model)
+    net = eager_copy(server.model, server.layers)
     for module in list(net.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, AdaptedProjection):
@@ -262,6 +264,10 @@ def run_bench(
     for layer in range(server.num_layers):  # each layer's maps, built once per run
         server.space.factors(layer, torch.zeros(1, server.dim), server.backbone.dtype)
     setup_time = time.perf_counter() - start
+    start = time.perf_counter()
+    if server.options.compile:  # the one-time compile (every bucket's shapes), timed apart
+        server.score(0, np.zeros((popsize, server.dim)))
+    compile_time = time.perf_counter() - start
     with peak_memory(device) as server_mem:
         start = time.perf_counter()
         evals = server_round(server, popsize, rng, candidate_scale)
@@ -287,7 +293,8 @@ def run_bench(
         "bf16": matmul_peak(torch.bfloat16, device, size=1024 if device.type == "cpu" else 8192),
     }
     try:  # an optional figure: a failure here must not lose the others
-        step, step_error = gradient_step(server, seed), None
+        with eager(server.layers):
+            step, step_error = gradient_step(server, seed), None
     except Exception as exc:  # noqa: BLE001
         step, step_error = None, f"{type(exc).__name__}: {exc}"
     dtype_name = info["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16")
@@ -328,7 +335,9 @@ def run_bench(
         "gradient_step_error": step_error,
         "chunk_tokens": server.chunk_tokens,
         "maps_setup_s": setup_time,
-        "projected_8000_evals_s": setup_time + PAPER_BUDGET / evals_per_s,
+        "compile": server.options.compile,
+        "compile_s": compile_time,
+        "projected_8000_evals_s": setup_time + compile_time + PAPER_BUDGET / evals_per_s,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -362,7 +371,8 @@ def format_report(result: dict) -> str:
         ),
         f"paper  : {PAPER_BUDGET} evaluations (the paper's run) would take "
         f"{result['projected_8000_evals_s']:.1f} s at this rate (with the "
-        f"{result['maps_setup_s']:.1f} s of building the projection maps once)",
+        f"{result['maps_setup_s']:.1f} s of building the projection maps once"
+        + (f", {result['compile_s']:.1f} s of compiling)" if result["compile"] else ")"),
     ]
     return "\n".join(lines)
 

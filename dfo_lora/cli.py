@@ -64,7 +64,7 @@ GROUPS = {
         "eval_every",
         "checkpoint_every_s",
     ],
-    "performance": ["max_tokens", "max_buckets", "prefix_cache"],
+    "performance": ["max_tokens", "max_buckets", "prefix_cache", "compile"],
     "distributed": ["backend", "address", "servers", "gpus_per_server", "cpus_per_server"],
 }
 
@@ -206,6 +206,9 @@ def build_parser() -> ArgumentParser:
     bench.add_argument("--targets", default="q,k")
     bench.add_argument("--max-tokens", default="auto", help="tokens per chunk (default: auto)")
     bench.add_argument("--max-buckets", type=int, default=8, help="length buckets (default: 8)")
+    bench.add_argument(
+        "--compile", action="store_true", help="torch.compile the layers' norms and MLP"
+    )
     bench.add_argument("--naive-per-layer", type=int, default=1, help="naive candidates per layer")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     synthetic = bench.add_argument_group(
@@ -377,6 +380,7 @@ def cmd_bench(args) -> int:
         "targets": args.targets,
         "max_tokens": args.max_tokens,
         "max_buckets": args.max_buckets,
+        "compile": args.compile,
         "popsize": args.popsize,
         "budget": 10**9,  # unused by bench; keeps the round check quiet
         "test_limit": 1,  # bench scores train only

@@ -153,6 +153,11 @@ class TuneConfig:
     )
     max_buckets: int = opt(8, "length buckets per split")
     prefix_cache: bool = opt(True, "reuse layer inputs below the searched layer")
+    compile: bool = opt(
+        False,
+        "torch.compile each layer's norms and MLP (fused elementwise work; a one-time compile "
+        "of seconds; equal results up to rounding)",
+    )
     # ---- distributed (dfo_lora/distributed; the results do not depend on them)
     backend: str = opt("local", "local (in-process) | ray (server and optimizer actors)")
     address: str = opt("auto", "ray: auto (RAY_ADDRESS, a running or a new local Ray) or host:port")
@@ -294,6 +299,7 @@ class TuneConfig:
                 max_tokens=self.max_tokens,
                 max_buckets=self.max_buckets,
                 prefix_cache=self.prefix_cache,
+                compile=self.compile,
             ),
         )
 

@@ -14,7 +14,8 @@
 #   pip install cma==4.5.0     # or, offline: pip download cma==4.5.0 -d .whl, carry .whl,
 #                              # and set WHEELS=.whl (installed into a temporary folder)
 # Environment: DEVICE (cuda), SHAPES, PYTHON (python3), SHAPE_TIMEOUT (s per shape, 240),
-# WHEELS (a folder of wheels to install first), BENCH_ARGS (extra `bench` options).
+# WHEELS (a folder of wheels to install first), BENCH_ARGS (extra `bench` options; e.g.
+# BENCH_ARGS=--compile measures the layers' norms and MLP compiled, BENCHMARKS.md).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-gpu_bench.json}

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from dfo_lora.backbone import Backbone
+from dfo_lora.backbone.fusion import compile_layers, restore_eager
 from dfo_lora.errors import UserError
 from dfo_lora.lowrank import LowRankConfig, ProjectionMoments, clipped_std
 from dfo_lora.lowrank.layer import out_columns
@@ -60,6 +61,8 @@ class ServerOptions:
     max_buckets: int = 8  # length buckets per split at most
     prefix_cache: bool = True  # reuse layer inputs below the searched layer
     slot_only_last_layer: bool = True  # last layer's MLP etc. at the slot position only
+    # torch.compile each layer's norms and MLP (backbone/fusion.py): fused elementwise work
+    compile: bool = False
 
     def validate(self) -> None:
         for name in ("max_tokens", "max_buckets"):
@@ -137,6 +140,10 @@ class EvaluationServer:
             sites = self._site_moments()
         stats = SpaceStatistics(sigma_hat, moments, head, sites)
         self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
+        restore_eager(self.layers)  # a reused backbone may come compiled
+        if self.options.compile:
+            path = self.arch.attention_path(self.model)
+            compile_layers(self.layers, [layer.get_submodule(path) for layer in self.layers])
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
 
     def _bucket_call_cost(self, split: str) -> int:
