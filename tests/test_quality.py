@@ -398,3 +398,39 @@ def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path
     assert len(out.read_text().splitlines()) == 1
     (merged,) = summarizer.load_rows(results)
     assert merged["method"] == "cma/recommended+final" and merged["test"] == row["final_test"]
+
+    # The spaces record reads the same run under both rules, reusing the replay.
+    spec = importlib.util.spec_from_file_location(
+        "spaces_summarize", ROOT / "experiments" / "quality" / "spaces" / "summarize.py"
+    )
+    spaces = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spaces)
+    argv = [str(tmp_path / "sweep"), "--replays", str(out), "--out", str(tmp_path)]
+    assert spaces.main([*argv, "--quality-results", str(tmp_path / "none.jsonl")]) == 0
+    assert len(out.read_text().splitlines()) == 1
+    name = spaces.space_of(tmp_path / "sweep" / "a")
+    tests = {r["method"]: r["test"] for r in summarizer.load_rows(tmp_path / "results.jsonl")}
+    assert tests == {
+        f"{name}/dev-selected": row["selected_test"],
+        f"{name}/last": row["final_test"],
+    }
+    assert f"| {name}/last |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "config, name",
+    [
+        ({"space": "lora", "alpha": 0.01}, "lora"),
+        ({"space": "series", "adapter_down": "pca", "alpha": 0.01}, "series-pca"),
+        ({"space": "parallel", "adapter_down": "searched", "alpha": 0.1}, "parallel a=0.1"),
+        ({"space": "hydra", "alpha": 0.01}, "hydra"),
+    ],
+)
+def test_spaces_record_names_each_space_from_its_config(tmp_path, config, name):
+    spec = importlib.util.spec_from_file_location(
+        "spaces_summarize", ROOT / "experiments" / "quality" / "spaces" / "summarize.py"
+    )
+    spaces = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spaces)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert spaces.space_of(tmp_path) == name

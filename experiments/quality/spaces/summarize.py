@@ -1,0 +1,108 @@
+"""The spaces record (issue 10): which search space wins per task, as the quality table.
+
+    python experiments/quality/spaces/summarize.py [RUN_FOLDERS...]
+
+Reads every finished run under the spaces' sweep folders (default: runs/spaces-*, the
+outputs of this folder's YAML files) and tabulates each space under both selection rules
+beside LoRA's runs of the quality benchmark (same budget, seeds and machine):
+- `SPACE/dev-selected`: the state the run reported (`select: metric`, as the sweeps ran);
+- `SPACE/last`: its last searched state (`select: final`, the recommended rule), scored by
+  `experiments/quality/replay_final.py`. Runs not yet replayed are replayed here (a few
+  minutes each) and their rows appended to experiments/quality/replays.jsonl;
+- `lora/dev-selected` and `lora/last` are the quality benchmark's `cma/dev-selected` and
+  `cma/recommended` rows (LoRA with A fixed, experiments/configs/recommended.yaml), and
+  `calibrated` and `gradient-lora` its floor and ceiling.
+
+SPACE is the run's `space`, with `-pca` when `adapter_down: pca` and ` a=ALPHA` when alpha
+is not the recommended 0.01. Writes results.jsonl and table.md next to this file (the
+quality summarizer's format: mean ± std over seeds, and test minus the calibrated zero
+state of the same runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+QUALITY = HERE.parent
+REPLAYS = QUALITY / "replays.jsonl"
+FROM_QUALITY = {  # quality benchmark method -> its name here
+    "calibrated": "calibrated",
+    "gradient-lora": "gradient-lora",
+    "cma/dev-selected": "lora/dev-selected",
+    "cma/recommended": "lora/last",
+}
+
+
+def module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def space_of(run: Path) -> str:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    name = config.get("space", "lora")
+    if config.get("adapter_down") == "pca" and name in ("series", "parallel"):
+        name += "-pca"
+    if float(config.get("alpha", 0.01)) != 0.01:
+        name += f" a={config['alpha']:g}"
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", type=Path)
+    parser.add_argument("--replays", type=Path, default=REPLAYS, help="replay_final rows")
+    parser.add_argument("--quality-results", type=Path, default=QUALITY / "results.jsonl")
+    parser.add_argument("--out", type=Path, default=HERE, help="for results.jsonl, table.md")
+    args = parser.parse_args(argv)
+    summarize = module("quality_summarize", QUALITY / "summarize.py")
+    replay_final = module("quality_replay_final", QUALITY / "replay_final.py")
+    folders = args.folders or sorted(Path("runs").glob("spaces-*"))
+    runs = [run for run in replay_final.tuning_runs([str(f) for f in folders])]
+
+    replays = {}
+    if args.replays.is_file():
+        for line in args.replays.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                replays[row["run"]] = row
+    rows = []
+    for run in runs:
+        if str(run) not in replays:
+            print(f"replaying {run}", file=sys.stderr, flush=True)
+            replays[str(run)] = row = replay_final.replay(run)
+            with args.replays.open("a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+        space = space_of(run)
+        selected = summarize.read_run(run)
+        selected["method"] = f"{space}/dev-selected"
+        last = dict(selected, method=f"{space}/last")
+        last.update(test=replays[str(run)]["final_test"], dev=replays[str(run)]["final_dev"])
+        rows += [selected, last]
+    for row in summarize.load_rows(args.quality_results):
+        if row["method"] in FROM_QUALITY and row["k"] == 16:
+            rows.append(dict(row, method=FROM_QUALITY[row["method"]]))
+    machines = {row["machine"] for row in rows if "/" in row["method"]}
+    rows = [row for row in rows if row["machine"] in machines]  # the spaces' machine only
+    rows = summarize.merge([], rows)
+    summarize.save_rows(args.out / "results.jsonl", rows)
+    text = summarize.markdown(rows)
+    summarize.write_atomic(args.out / "table.md", text.encode())
+    print(text)
+    print(
+        f"{len(runs)} space runs; {args.out / 'results.jsonl'}: {len(rows)} rows", file=sys.stderr
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
