@@ -14,8 +14,10 @@
 #   pip install cma==4.5.0     # or, offline: pip download cma==4.5.0 -d .whl, carry .whl,
 #                              # and set WHEELS=.whl (installed into a temporary folder)
 # Environment: DEVICE (cuda), SHAPES, PYTHON (python3), SHAPE_TIMEOUT (s per shape, 240),
-# WHEELS (a folder of wheels to install first), BENCH_ARGS (extra `bench` options; e.g.
-# BENCH_ARGS=--compile measures the layers' norms and MLP compiled, BENCHMARKS.md).
+# WHEELS (a folder of wheels to install first), BENCH_ARGS (extra `bench` options),
+# COMPILE_SHAPES (shapes run a second time with `--compile`, the layers' norms and MLP
+# compiled, BENCHMARKS.md "Fusing the per-token work"; default none, as each adds about
+# a minute: COMPILE_SHAPES=roberta-large measures it on the issue's target shape).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-gpu_bench.json}
@@ -29,13 +31,21 @@ if [[ -n "${WHEELS:-}" ]]; then
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 lines=$(mktemp)
-for shape in $shapes; do
-  echo "== $shape ($device)" >&2
+bench() {  # SHAPE [more bench options]
+  local shape=$1
+  shift
+  echo "== $shape ($device) $*" >&2
   # shellcheck disable=SC2086
   if ! timeout "${SHAPE_TIMEOUT:-240}" "$python" -m dfo_lora.cli bench --synthetic "$shape" \
-      --device "$device" --json ${BENCH_ARGS:-} >>"$lines"; then
+      --device "$device" --json ${BENCH_ARGS:-} "$@" >>"$lines"; then
     echo "{\"model\": \"synthetic:$shape\", \"error\": \"failed or timed out (stderr above)\"}" >>"$lines"
   fi
+}
+for shape in $shapes; do
+  bench "$shape"
+done
+for shape in ${COMPILE_SHAPES:-}; do
+  bench "$shape" --compile
 done
 "$python" - "$lines" "$out" <<'EOF'
 import json, platform, sys
@@ -49,10 +59,11 @@ with open(sys.argv[2], "w") as f:
     json.dump({"machine": machine, "results": rows}, f, indent=1, sort_keys=True)
 for r in rows:
     if "error" in r:
-        print(f"{r['model']:24s} {r['error']}")
+        print(f"{r['model']:34s} {r['error']}")
     else:
+        name = r["model"] + (" --compile" if r.get("compile") else "")
         print(
-            f"{r['model']:24s} {r['evals_per_s']:9.1f} evals/s  x{r['speedup']:5.1f} naive  "
+            f"{name:34s} {r['evals_per_s']:9.1f} evals/s  x{r['speedup']:5.1f} naive  "
             f"{100 * r['peak_fraction']:4.0f}% of {r['dtype']} peak  "
             f"8000 evals in {r['projected_8000_evals_s']:6.1f} s"
         )

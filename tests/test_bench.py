@@ -138,6 +138,7 @@ def test_gpu_script_runs_on_a_cpu(tmp_path):
         "SHAPES": "tiny-llama nope",
         "PYTHON": sys.executable,
         "BENCH_ARGS": "--popsize 4 --dtype fp32",
+        "COMPILE_SHAPES": "tiny-llama",
     }
     done = subprocess.run(
         ["bash", str(ROOT / "experiments" / "gpu_bench.sh"), str(out)],
@@ -149,9 +150,12 @@ def test_gpu_script_runs_on_a_cpu(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["machine"]["gpu"] is None and report["machine"]["torch"] == torch.__version__
-    good, bad = report["results"]
+    good, bad, compiled = report["results"]
     assert good["model"] == "synthetic:tiny-llama" and good["device"] == "cpu"
     assert good["evaluations"] == 4 * 3 and good["dtype"] == "fp32"
+    assert (good["compile"], compiled["compile"]) == (False, True)
+    assert compiled["model"] == good["model"] and compiled["compile_s"] > 0
     assert bad == {"model": "synthetic:nope", "error": "failed or timed out (stderr above)"}
     assert "unknown shape 'nope'" in done.stderr
-    assert "synthetic:tiny-llama" in done.stdout
+    assert "synthetic:tiny-llama " in done.stdout
+    assert "synthetic:tiny-llama --compile" in done.stdout
