@@ -28,6 +28,14 @@ def load_summarizer():
 summarizer = load_summarizer()
 
 
+def load_spaces_summarizer():
+    path = ROOT / "experiments" / "quality" / "spaces" / "summarize.py"
+    spec = importlib.util.spec_from_file_location("spaces_summarize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT
@@ -400,11 +408,7 @@ def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path
     assert merged["method"] == "cma/recommended+final" and merged["test"] == row["final_test"]
 
     # The spaces record reads the same run under both rules, reusing the replay.
-    spec = importlib.util.spec_from_file_location(
-        "spaces_summarize", ROOT / "experiments" / "quality" / "spaces" / "summarize.py"
-    )
-    spaces = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(spaces)
+    spaces = load_spaces_summarizer()
     argv = [str(tmp_path / "sweep"), "--replays", str(out), "--out", str(tmp_path)]
     assert spaces.main([*argv, "--quality-results", str(tmp_path / "none.jsonl")]) == 0
     assert len(out.read_text().splitlines()) == 1
@@ -427,10 +431,6 @@ def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path
     ],
 )
 def test_spaces_record_names_each_space_from_its_config(tmp_path, config, name):
-    spec = importlib.util.spec_from_file_location(
-        "spaces_summarize", ROOT / "experiments" / "quality" / "spaces" / "summarize.py"
-    )
-    spaces = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(spaces)
+    spaces = load_spaces_summarizer()
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert spaces.space_of(tmp_path) == name

@@ -140,10 +140,11 @@ class EvaluationServer:
             sites = self._site_moments()
         stats = SpaceStatistics(sigma_hat, moments, head, sites)
         self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
-        restore_eager(self.layers)  # a reused backbone may come compiled
-        if self.options.compile:
+        if self.options.compile:  # (re)compiled from eager, as a backbone may be reused
             path = self.arch.attention_path(self.model)
             compile_layers(self.layers, [layer.get_submodule(path) for layer in self.layers])
+        else:
+            restore_eager(self.layers)  # a reused backbone may come compiled
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
 
     def _bucket_call_cost(self, split: str) -> int:

@@ -40,8 +40,11 @@ FROM_QUALITY = {  # quality benchmark method -> its name here
 }
 
 
-def module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
+def replay_final():
+    """experiments/quality/replay_final.py as a module (it also loads the summarizer)."""
+    spec = importlib.util.spec_from_file_location(
+        "quality_replay_final", QUALITY / "replay_final.py"
+    )
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
     return loaded
@@ -64,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-results", type=Path, default=QUALITY / "results.jsonl")
     parser.add_argument("--out", type=Path, default=HERE, help="for results.jsonl, table.md")
     args = parser.parse_args(argv)
-    summarize = module("quality_summarize", QUALITY / "summarize.py")
-    replay_final = module("quality_replay_final", QUALITY / "replay_final.py")
+    replay = replay_final()
+    summarize = replay.summarizer()
     folders = args.folders or sorted(Path("runs").glob("spaces-*"))
-    runs = [run for run in replay_final.tuning_runs([str(f) for f in folders])]
+    runs = list(replay.tuning_runs([str(f) for f in folders]))
 
     replays = {}
     if args.replays.is_file():
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if str(run) not in replays:
             print(f"replaying {run}", file=sys.stderr, flush=True)
-            replays[str(run)] = row = replay_final.replay(run)
+            replays[str(run)] = row = replay.replay(run)
             with args.replays.open("a") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
         space = space_of(run)
