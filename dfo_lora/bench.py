@@ -9,10 +9,14 @@ What is measured (all in one process, same model, data and dtype):
 - naive: one plain HF forward per candidate with its factors merged into the weights
   (padded batch of the whole train set, full-vocabulary logits, like any eval script),
   `naive_per_layer` candidates at every layer; its cost does not depend on the layer,
-  so this samples the same round at a fraction of its (long) wall time;
+  so this samples the same round at a fraction of its (long) wall time. The samples
+  are interleaved with the server's round, layer by layer (`interleaved_round`), so
+  both rates see the same load of a shared machine: the speedup is a ratio taken at
+  the same moments, not of two passes a minute apart;
 - FLOP/s of the server round (matmul FLOPs counted by torch's FlopCounterMode on the
   first and last layer's scoring, which brackets every layer linearly) as a fraction
-  of this machine's matmul peak measured in the same run, in fp32 and bf16;
+  of this machine's matmul peak in the server's dtype, sampled in slices between the
+  round's layers (the same load again); the other dtype's peak is measured once after;
 - peak memory: the RSS high-water mark above the starting RSS, sampled every 2 ms
   (CPU) or torch.cuda.max_memory_allocated (GPU), for the server round, for the naive
   loop, for one plain inference forward (the decoder stack, no LM head) of the
@@ -58,16 +62,17 @@ def _rss() -> int:
 
 
 @contextmanager
-def peak_memory(device: torch.device):
-    """Peak bytes above the starting level while the block runs."""
-    result = PeakMemory()
+def peak_memory(device: torch.device, result: PeakMemory | None = None):
+    """Peak bytes above the starting level while the block runs. Given a `result`, keeps
+    the largest of its figure and this block's: one figure over several blocks."""
+    result = result if result is not None else PeakMemory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
         yield result
         torch.cuda.synchronize(device)
-        result.bytes = torch.cuda.max_memory_allocated(device) - start
+        result.bytes = max(result.bytes, torch.cuda.max_memory_allocated(device) - start)
         return
     start, peak, done = _rss(), [0], threading.Event()
 
@@ -83,32 +88,104 @@ def peak_memory(device: torch.device):
     finally:
         done.set()
         thread.join()
-        result.bytes = max(peak[0], _rss()) - start
+        result.bytes = max(result.bytes, max(peak[0], _rss()) - start)
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, seconds=1.0) -> float:
-    """Measured FLOP/s of a square matmul: this machine's practical peak for the dtype."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    a @ b  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or runs < 2:
-        a @ b
-        runs += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * size**3 * runs / (time.perf_counter() - start)
+class MatmulPeak:
+    """This machine's practical matmul peak for one dtype (square matmuls), measured in
+    slices: sampled between the round's layers it is taken under the same load as the
+    round whose FLOP/s it divides."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, size: int):
+        self.device, self.size = device, size
+        self.a = torch.randn(size, size, device=device).to(dtype)
+        self.b = torch.randn(size, size, device=device).to(dtype)
+        self.a @ self.b  # warm-up
+        self.flops, self.seconds = 0, 0.0
+
+    def sample(self, seconds: float, min_runs: int = 1) -> None:
+        """Run square matmuls for about `seconds` (at least `min_runs`), adding to the tally."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds or runs < min_runs:
+            self.a @ self.b
+            runs += 1
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        self.flops += 2 * self.size**3 * runs
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / self.seconds
 
 
-def server_round(server: EvaluationServer, popsize: int, rng: np.random.Generator, scale: float):
-    """One round of the paper's schedule; returns the number of evaluations."""
+def peak_size(dtype: torch.dtype, device: torch.device) -> int:
+    """The square size that reaches the peak without taking long: on a CPU without native
+    bf16 a 2048-cube bf16 matmul takes many seconds."""
+    if device.type != "cpu":
+        return 8192
+    return 1024 if dtype == torch.bfloat16 else 2048
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of a square matmul in one go."""
+    peak = MatmulPeak(dtype, device, peak_size(dtype, device))
+    peak.sample(seconds, min_runs=2)
+    return peak.flops_per_s
+
+
+@dataclass
+class RoundTimes:
+    """What `interleaved_round` measured: each side's evaluations, seconds and peak memory."""
+
+    evals: int
+    seconds: float
+    memory: PeakMemory
+    naive_evals: int
+    naive_seconds: float
+    naive_memory: PeakMemory
+
+
+def interleaved_round(
+    server: EvaluationServer,
+    naive: NaiveScorer,
+    popsize: int,
+    naive_per_layer: int,
+    seed: int,
+    scale: float,
+    peak: MatmulPeak | None = None,
+    peak_slice_s: float = 0.05,
+) -> RoundTimes:
+    """One round of the paper's schedule (every layer once, bottom-up: score P candidates,
+    commit the best) with the naive loop's samples at each layer right after the server's
+    and, given `peak`, a slice of the matmul peak after them.
+
+    Each side is timed and its memory measured only over its own blocks, so the rates
+    are taken under the same load, which on a shared machine moves by tens of percent
+    within a minute."""
+    rng, naive_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    device = server.backbone.device
+    times = RoundTimes(0, 0.0, PeakMemory(), 0, 0.0, PeakMemory())
     for layer in range(server.num_layers):
-        cands = rng.normal(scale=scale, size=(popsize, server.dim))
-        losses = server.score(layer, cands)["loss"]
-        server.commit(layer, cands[int(np.argmin(losses))])
-    return popsize * server.num_layers
+        with peak_memory(device, times.memory):
+            start = time.perf_counter()
+            cands = rng.normal(scale=scale, size=(popsize, server.dim))
+            losses = server.score(layer, cands)["loss"]
+            server.commit(layer, cands[int(np.argmin(losses))])
+            times.seconds += time.perf_counter() - start
+        times.evals += popsize
+        with peak_memory(device, times.naive_memory):
+            start = time.perf_counter()
+            for _ in range(naive_per_layer):
+                naive.score(layer, naive_rng.normal(scale=scale, size=server.dim))
+            times.naive_seconds += time.perf_counter() - start
+        times.naive_evals += naive_per_layer
+        if peak is not None:
+            peak.sample(peak_slice_s)
+    return times
 
 
 @contextmanager
@@ -258,7 +335,6 @@ def run_bench(
     server = server or build_server(spec)
     device = server.backbone.device
     info = server.info()
-    rng = np.random.default_rng(seed)
 
     start = time.perf_counter()
     for layer in range(server.num_layers):  # each layer's maps, built once per run
@@ -268,37 +344,28 @@ def run_bench(
     if server.options.compile:  # the one-time compile (every bucket's shapes), timed apart
         server.score(0, np.zeros((popsize, server.dim)))
     compile_time = time.perf_counter() - start
-    with peak_memory(device) as server_mem:
-        start = time.perf_counter()
-        evals = server_round(server, popsize, rng, candidate_scale)
-        server_time = time.perf_counter() - start
-    flops, counted_as = count_round_flops(server, popsize, np.random.default_rng(seed + 1))
-
+    dtype_name = info["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16")
+    dtype_name = dtype_name.replace("float16", "fp16")
+    peak_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32  # fp16: fp32's
+    peak = MatmulPeak(peak_dtype, device, peak_size(peak_dtype, device))
     naive = NaiveScorer(server, plain_model_copy(server))
-    with peak_memory(device) as naive_mem:
-        start = time.perf_counter()
-        naive_evals = 0
-        for layer in range(server.num_layers):
-            for _ in range(naive_per_layer):
-                naive.score(layer, rng.normal(scale=candidate_scale, size=server.dim))
-                naive_evals += 1
-        naive_time = time.perf_counter() - start
+    times = interleaved_round(server, naive, popsize, naive_per_layer, seed, candidate_scale, peak)
     del naive
+    evals, server_time, server_mem = times.evals, times.seconds, times.memory
+    naive_evals, naive_time, naive_mem = times.naive_evals, times.naive_seconds, times.naive_memory
+    flops, counted_as = count_round_flops(server, popsize, np.random.default_rng(seed + 2))
 
     with peak_memory(device) as plain_mem:
         plain_stacked_forward(server, popsize)
 
-    peaks = {
-        "fp32": matmul_peak(torch.float32, device, size=2048 if device.type == "cpu" else 8192),
-        "bf16": matmul_peak(torch.bfloat16, device, size=1024 if device.type == "cpu" else 8192),
-    }
+    other = torch.float32 if peak_dtype == torch.bfloat16 else torch.bfloat16
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    peaks = {names[peak_dtype]: peak.flops_per_s, names[other]: matmul_peak(other, device)}
     try:  # an optional figure: a failure here must not lose the others
         with eager(server.layers):
             step, step_error = gradient_step(server, seed), None
     except Exception as exc:  # noqa: BLE001
         step, step_error = None, f"{type(exc).__name__}: {exc}"
-    dtype_name = info["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16")
-    dtype_name = dtype_name.replace("float16", "fp16")
     achieved = flops / server_time
     evals_per_s = evals / server_time
     naive_evals_per_s = naive_evals / naive_time
@@ -325,7 +392,8 @@ def run_bench(
         "flops_counted_with": counted_as,
         "achieved_flops_per_s": achieved,
         "matmul_peak_flops_per_s": peaks,
-        "peak_fraction": achieved / peaks.get(dtype_name, peaks["fp32"]),
+        "peak_fraction": achieved / peak.flops_per_s,
+        "peak_sampled_with_round": names[peak_dtype],
         "peak_mem_bytes": server_mem.bytes,
         "naive_peak_mem_bytes": naive_mem.bytes,
         "plain_stacked_forward_peak_mem_bytes": plain_mem.bytes,

@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from dfo_lora.bench import _count_round_flops, count_round_flops, eager_attention
+from dfo_lora.bench import (
+    NaiveScorer,
+    PeakMemory,
+    _count_round_flops,
+    count_round_flops,
+    eager_attention,
+    interleaved_round,
+    peak_memory,
+    plain_model_copy,
+)
 from dfo_lora.cli import main
 from dfo_lora.config import load_config
 from dfo_lora.errors import UserError
@@ -47,6 +56,9 @@ def test_synthetic_bench_reports_every_figure(capsys):
     )
     assert result["chunk_tokens"] == CPU_CHUNK_TOKENS  # auto on a CPU
     assert result["round_flops"] > 0 and result["flops_counted_with"] == "sdpa"
+    peaks = result["matmul_peak_flops_per_s"]
+    assert result["peak_sampled_with_round"] == "fp32" and peaks["bf16"] > 0
+    assert result["peak_fraction"] == pytest.approx(result["achieved_flops_per_s"] / peaks["fp32"])
     assert result["gradient_step_peak_mem_bytes"] > 0  # peft is in the dev extra
     assert result["gradient_step_error"] is None
     assert result["train_tokens"] <= result["train_padded_tokens"]
@@ -116,6 +128,40 @@ def test_eager_flop_count_is_close_to_sdpa_and_restores_the_model():
         eager = _count_round_flops(server, 4, np.random.default_rng(0))
     assert server.model.config._attn_implementation == "sdpa"
     assert flops <= eager <= 1.15 * flops  # eager also counts the masked causal half
+
+
+def test_interleaved_round_commits_what_a_plain_round_commits():
+    """The naive samples between the server's layers neither draw from the server's
+    candidates nor change what it commits."""
+    spec = ServerSpec(dtype="fp32", device="cpu")
+    server = synthetic_server("tiny-llama", spec)
+    naive = NaiveScorer(server, plain_model_copy(server))
+    times = interleaved_round(server, naive, 5, 2, seed=3, scale=0.5)
+    layers = server.num_layers
+    assert (times.evals, times.naive_evals) == (5 * layers, 2 * layers)
+    assert times.seconds > 0 and times.naive_seconds > 0
+
+    plain = synthetic_server("tiny-llama", spec)
+    rng = np.random.default_rng(3)
+    for layer in range(layers):
+        cands = rng.normal(scale=0.5, size=(5, plain.dim))
+        plain.commit(layer, cands[int(np.argmin(plain.score(layer, cands)["loss"]))])
+    assert np.abs(plain.get_state()).max() > 0
+    np.testing.assert_array_equal(server.get_state(), plain.get_state())
+
+
+def test_peak_memory_keeps_the_largest_block():
+    cpu = torch.device("cpu")
+    total = PeakMemory()
+    with peak_memory(cpu, total):
+        block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+        assert int(block[-1]) == 1
+    first = total.bytes
+    del block
+    assert first >= 48 * 2**20
+    with peak_memory(cpu, total):
+        pass
+    assert total.bytes == first  # a smaller block leaves the figure
 
 
 def test_max_tokens_auto_and_explicit():
