@@ -16,10 +16,12 @@ What is measured (all in one process, same model, data and dtype):
 - FLOP/s of the server round (matmul FLOPs counted by torch's FlopCounterMode on the
   first and last layer's scoring, which brackets every layer linearly) as a fraction
   of this machine's matmul peak in the server's dtype, sampled in slices between the
-  round's layers (the same load again); the other dtype's peak is measured once after;
-- peak memory: the RSS high-water mark above the starting RSS, sampled every 2 ms
-  (CPU) or torch.cuda.max_memory_allocated (GPU), for the server round, for the naive
-  loop, for one plain inference forward (the decoder stack, no LM head) of the
+  round's layers (the same load again); fp32's and bf16's peaks are measured once after;
+- peak memory, each measured apart from the timed round: the RSS high-water mark above
+  the starting RSS of a trimmed heap, sampled every 2 ms (CPU), or
+  torch.cuda.max_memory_allocated (GPU), for one server scoring call (layer 0, which
+  runs every layer), for one naive forward, for one plain inference forward (the
+  decoder stack, no LM head) of the
   same stacked batch (P x N sequences) that the server scores, and for one training
   step of gradient LoRA (peft, q,v, r = 8, AdamW, the whole train split: the baseline's
   step), measured last because it adds LoRA layers to the model;
@@ -31,6 +33,8 @@ What is measured (all in one process, same model, data and dtype):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import threading
@@ -49,6 +53,7 @@ from dfo_lora.server import EvaluationServer, per_example_loss
 from dfo_lora.server.factory import ServerSpec, build_server
 
 PAPER_BUDGET = 8000  # evaluations of one of the paper's runs
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -61,19 +66,35 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@contextmanager
-def peak_memory(device: torch.device, result: PeakMemory | None = None):
-    """Peak bytes above the starting level while the block runs. Given a `result`, keeps
-    the largest of its figure and this block's: one figure over several blocks."""
-    result = result if result is not None else PeakMemory()
+def _trim_heap() -> None:
+    """Give the C heap's freed pages back to the OS (glibc's malloc_trim), so that RSS grows
+    with what a block allocates instead of reusing what an earlier block freed."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer stopped next counts it (CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Peak bytes above the starting level while the block runs (on a CPU, from a trimmed
+    heap: the RSS high-water mark, sampled every 2 ms)."""
+    result = PeakMemory()
+    if device.type == "cuda":
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
         yield result
-        torch.cuda.synchronize(device)
-        result.bytes = max(result.bytes, torch.cuda.max_memory_allocated(device) - start)
+        synchronize(device)
+        result.bytes = torch.cuda.max_memory_allocated(device) - start
         return
+    _trim_heap()
     start, peak, done = _rss(), [0], threading.Event()
 
     def sample():
@@ -88,7 +109,7 @@ def peak_memory(device: torch.device, result: PeakMemory | None = None):
     finally:
         done.set()
         thread.join()
-        result.bytes = max(result.bytes, max(peak[0], _rss()) - start)
+        result.bytes = max(peak[0], _rss()) - start
 
 
 class MatmulPeak:
@@ -104,16 +125,14 @@ class MatmulPeak:
         self.flops, self.seconds = 0, 0.0
 
     def sample(self, seconds: float, min_runs: int = 1) -> None:
-        """Run square matmuls for about `seconds` (at least `min_runs`), adding to the tally."""
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        """Run square matmuls for about `seconds` (at least `min_runs`), adding to the tally.
+        Each one is waited for: queued GPU work would outlast the slice by far."""
+        synchronize(self.device)
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds or runs < min_runs:
             self.a @ self.b
+            synchronize(self.device)
             runs += 1
-        if cuda:
-            torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - start
         self.flops += 2 * self.size**3 * runs
 
@@ -127,7 +146,7 @@ def peak_size(dtype: torch.dtype, device: torch.device) -> int:
     bf16 a 2048-cube bf16 matmul takes many seconds."""
     if device.type != "cpu":
         return 8192
-    return 1024 if dtype == torch.bfloat16 else 2048
+    return 2048 if dtype == torch.float32 else 1024
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
@@ -139,14 +158,12 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) 
 
 @dataclass
 class RoundTimes:
-    """What `interleaved_round` measured: each side's evaluations, seconds and peak memory."""
+    """What `interleaved_round` measured: each side's evaluations and seconds."""
 
     evals: int
     seconds: float
-    memory: PeakMemory
     naive_evals: int
     naive_seconds: float
-    naive_memory: PeakMemory
 
 
 def interleaved_round(
@@ -163,25 +180,24 @@ def interleaved_round(
     commit the best) with the naive loop's samples at each layer right after the server's
     and, given `peak`, a slice of the matmul peak after them.
 
-    Each side is timed and its memory measured only over its own blocks, so the rates
-    are taken under the same load, which on a shared machine moves by tens of percent
-    within a minute."""
+    Each side is timed only over its own blocks, so the rates are taken under the same
+    load, which on a shared machine moves by tens of percent within a minute."""
     rng, naive_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     device = server.backbone.device
-    times = RoundTimes(0, 0.0, PeakMemory(), 0, 0.0, PeakMemory())
+    times = RoundTimes(0, 0.0, 0, 0.0)
     for layer in range(server.num_layers):
-        with peak_memory(device, times.memory):
-            start = time.perf_counter()
-            cands = rng.normal(scale=scale, size=(popsize, server.dim))
-            losses = server.score(layer, cands)["loss"]
-            server.commit(layer, cands[int(np.argmin(losses))])
-            times.seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        cands = rng.normal(scale=scale, size=(popsize, server.dim))
+        losses = server.score(layer, cands)["loss"]
+        server.commit(layer, cands[int(np.argmin(losses))])
+        synchronize(device)  # the commit's device work belongs to the server's time
+        times.seconds += time.perf_counter() - start
         times.evals += popsize
-        with peak_memory(device, times.naive_memory):
-            start = time.perf_counter()
-            for _ in range(naive_per_layer):
-                naive.score(layer, naive_rng.normal(scale=scale, size=server.dim))
-            times.naive_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(naive_per_layer):
+            naive.score(layer, naive_rng.normal(scale=scale, size=server.dim))
+        synchronize(device)
+        times.naive_seconds += time.perf_counter() - start
         times.naive_evals += naive_per_layer
         if peak is not None:
             peak.sample(peak_slice_s)
@@ -315,8 +331,7 @@ def gradient_step(server: EvaluationServer, seed: int) -> dict | None:
         loss, _ = train_loss(server, server.loss_name, False)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     return {"peak_mem_bytes": mem.bytes, "time_s": seconds}
 
@@ -344,23 +359,28 @@ def run_bench(
     if server.options.compile:  # the one-time compile (every bucket's shapes), timed apart
         server.score(0, np.zeros((popsize, server.dim)))
     compile_time = time.perf_counter() - start
-    dtype_name = info["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16")
-    dtype_name = dtype_name.replace("float16", "fp16")
-    peak_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32  # fp16: fp32's
-    peak = MatmulPeak(peak_dtype, device, peak_size(peak_dtype, device))
+    dtype = server.backbone.dtype
+    dtype_name = DTYPE_NAMES[dtype]
+    peak = MatmulPeak(dtype, device, peak_size(dtype, device))
     naive = NaiveScorer(server, plain_model_copy(server))
+    # Memory of one call of each, apart from the timed round: a layer-0 score runs every
+    # layer, and a call's transient memory is the same at every layer.
+    with peak_memory(device) as server_mem:
+        server.score(0, np.zeros((popsize, server.dim)))
+    with peak_memory(device) as naive_mem:
+        naive.score(0, np.zeros(server.dim))
     times = interleaved_round(server, naive, popsize, naive_per_layer, seed, candidate_scale, peak)
     del naive
-    evals, server_time, server_mem = times.evals, times.seconds, times.memory
-    naive_evals, naive_time, naive_mem = times.naive_evals, times.naive_seconds, times.naive_memory
+    evals, server_time = times.evals, times.seconds
+    naive_evals, naive_time = times.naive_evals, times.naive_seconds
     flops, counted_as = count_round_flops(server, popsize, np.random.default_rng(seed + 2))
 
     with peak_memory(device) as plain_mem:
         plain_stacked_forward(server, popsize)
 
-    other = torch.float32 if peak_dtype == torch.bfloat16 else torch.bfloat16
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-    peaks = {names[peak_dtype]: peak.flops_per_s, names[other]: matmul_peak(other, device)}
+    peaks = {DTYPE_NAMES[dtype]: peak.flops_per_s}
+    for other in (torch.float32, torch.bfloat16):  # reported beside it, measured once
+        peaks.setdefault(DTYPE_NAMES[other], matmul_peak(other, device))
     try:  # an optional figure: a failure here must not lose the others
         with eager(server.layers):
             step, step_error = gradient_step(server, seed), None
@@ -393,7 +413,7 @@ def run_bench(
         "achieved_flops_per_s": achieved,
         "matmul_peak_flops_per_s": peaks,
         "peak_fraction": achieved / peak.flops_per_s,
-        "peak_sampled_with_round": names[peak_dtype],
+        "peak_sampled_with_round": dtype_name,
         "peak_mem_bytes": server_mem.bytes,
         "naive_peak_mem_bytes": naive_mem.bytes,
         "plain_stacked_forward_peak_mem_bytes": plain_mem.bytes,

@@ -369,6 +369,8 @@ def cmd_tasks(args) -> int:
 def cmd_bench(args) -> int:
     from dfo_lora.bench import format_report, run_bench
 
+    if args.naive_per_layer < 1:
+        raise UserError(f"--naive-per-layer must be at least 1, got {args.naive_per_layer}")
     values = {
         "model": args.model,
         "task": args.task,
