@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import threading
@@ -66,13 +67,20 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _trim_heap() -> None:
-    """Give the C heap's freed pages back to the OS (glibc's malloc_trim), so that RSS grows
-    with what a block allocates instead of reusing what an earlier block freed."""
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library); looked up once: find_library runs
+    ldconfig."""
     name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
+def _trim_heap() -> None:
+    """Give the C heap's freed pages back to the OS, so that RSS grows with what a block
+    allocates instead of reusing what an earlier block freed."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def synchronize(device: torch.device) -> None:
@@ -378,9 +386,10 @@ def run_bench(
     with peak_memory(device) as plain_mem:
         plain_stacked_forward(server, popsize)
 
-    peaks = {DTYPE_NAMES[dtype]: peak.flops_per_s}
+    peaks = {dtype_name: peak.flops_per_s}
     for other in (torch.float32, torch.bfloat16):  # reported beside it, measured once
-        peaks.setdefault(DTYPE_NAMES[other], matmul_peak(other, device))
+        if DTYPE_NAMES[other] not in peaks:
+            peaks[DTYPE_NAMES[other]] = matmul_peak(other, device)
     try:  # an optional figure: a failure here must not lose the others
         with eager(server.layers):
             step, step_error = gradient_step(server, seed), None
