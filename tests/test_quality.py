@@ -18,22 +18,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 AMX = {"cpu": "Test CPU", "cpu_flags": ["amx_bf16", "avx512_bf16", "avx512f", "avx2"]}
 
 
-def load_summarizer():
-    spec = importlib.util.spec_from_file_location("quality_summarize", SCRIPT)
+def load_script(name: str, path: Path):
+    """An experiments/ script (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-summarizer = load_summarizer()
+summarizer = load_script("quality_summarize", SCRIPT)
 
 
 def load_spaces_summarizer():
     path = ROOT / "experiments" / "quality" / "spaces" / "summarize.py"
-    spec = importlib.util.spec_from_file_location("spaces_summarize", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("spaces_summarize", path)
 
 
 def run_script(*args) -> subprocess.CompletedProcess:
@@ -380,16 +378,10 @@ def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path
     """experiments/quality/replay_final.py scores a finished run's last state: the same
     numbers a `tune --select final` run of the same search reports (selection does not
     steer the search), and its results rows carry them under their own method name."""
-    import importlib.util
-
     from dfo_lora.search.run import tune
     from tests.test_search import tiny_config
 
-    spec = importlib.util.spec_from_file_location(
-        "replay_final", ROOT / "experiments" / "quality" / "replay_final.py"
-    )
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
+    replay = load_script("replay_final", ROOT / "experiments" / "quality" / "replay_final.py")
 
     selected = tune(tiny_config(tiny_llama_dir, select="metric"), tmp_path / "sweep" / "a")
     final = tune(tiny_config(tiny_llama_dir, select="final"), tmp_path / "b", progress=False)
