@@ -95,7 +95,8 @@ class TuneConfig:
     a_factor: str = opt(
         "searched",
         "searched (the paper: z -> A and B) | pca | random: A fixed (top-r principal "
-        "directions of the module input, or random), z -> B only, a delta linear in z",
+        "directions of the module input, or random), z -> B only, a delta linear in z "
+        "(hydra: searched | pca, z -> the heads and the router)",
     )
     b_basis: str = opt(
         "random",
@@ -266,6 +267,7 @@ class TuneConfig:
         values = dict(
             rank=self.rank,
             heads=self.hydra_heads,
+            a_factor=self.a_factor,
             size=self.adapter_size,
             down=self.adapter_down,
             intrinsic_dim=self.intrinsic_dim,
@@ -323,7 +325,7 @@ FIELD_TYPES = typing.get_type_hints(TuneConfig)
 SPACE_OPTIONS: dict[str, tuple[str, ...]] = {
     "targets": ("lora", "hydra", "series"),
     "rank": ("lora", "hydra"),
-    "a_factor": ("lora",),
+    "a_factor": ("lora", "hydra"),
     "b_basis": ("lora",),
     "basis_dim": ("lora",),
     "hydra_heads": ("hydra",),

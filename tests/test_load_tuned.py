@@ -22,10 +22,10 @@ from dfo_lora.spaces import space_name, unwrap_all
 from tests.test_cli import one_line_error, run_cli
 from tests.test_export import exported_logits
 from tests.test_server_exactness import VERBALIZER, make_server, rel_err
-from tests.test_spaces import build
+from tests.test_spaces import build, run_options
 from tests.tiny_models import hf_logits
 
-SPACES = ["lora", "hydra", "series", "parallel", "series-pca", "parallel-pca"]
+SPACES = ["lora", "hydra", "series", "parallel", "hydra-pca", "series-pca", "parallel-pca"]
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,8 @@ def runs(tiny_llama_dir, tmp_path_factory):
     def run(space: str):
         if space not in made:
             out = tmp_path_factory.mktemp(space) / "run"
-            name, _, down = space.partition("-")  # "series-pca": down fixed to pca
-            extra = {"adapter_down": down} if down else {}
-            config = tiny_config(
-                tiny_llama_dir, space=name, budget=36, select="final", dtype="fp32", **extra
-            )
+            options = run_options(space)  # "series-pca": down fixed to pca
+            config = tiny_config(tiny_llama_dir, budget=36, select="final", dtype="fp32", **options)
             tune(config, out, progress=False)
             made[space] = out
         return made[space]

@@ -33,11 +33,11 @@ RTOL = 1e-4
 
 
 def space_of(name: str, **overrides):
-    """A space config by test name: "hydra", "series", "parallel", or an adapter space with
-    its down fixed, "series-pca" / "parallel-pca"."""
-    name, _, down = name.partition("-")
-    if down:
-        overrides = {"down": down, **overrides}
+    """A space config by test name: "hydra", "series", "parallel", or a space with a fixed
+    factor: hydra's A ("hydra-pca"), the adapters' down ("series-pca" / "parallel-pca")."""
+    name, _, fixed = name.partition("-")
+    if fixed:
+        overrides = {"a_factor" if name == "hydra" else "down": fixed, **overrides}
     common = dict(intrinsic_dim=40, alpha=3.0, sigma=1.0, seed=3)
     if name == "hydra":
         return HydraConfig(**{**common, "targets": ("q", "v", "o"), "rank": 4, **overrides})
@@ -46,7 +46,15 @@ def space_of(name: str, **overrides):
     return ParallelConfig(**{**common, "size": 4, **overrides})
 
 
-SPACE_NAMES = ["hydra", "series", "parallel", "series-pca", "parallel-pca"]
+SPACE_NAMES = ["hydra", "series", "parallel", "hydra-pca", "series-pca", "parallel-pca"]
+
+
+def run_options(name: str) -> dict:
+    """The TuneConfig values of a test name: {"space": "hydra", "a_factor": "pca"}, ..."""
+    space, _, fixed = name.partition("-")
+    if not fixed:
+        return {"space": space}
+    return {"space": space, ("a_factor" if space == "hydra" else "adapter_down"): fixed}
 
 
 def build(arch: str, name: str, options: ServerOptions | None = None, **overrides):
@@ -148,7 +156,7 @@ def test_score_equals_hf_forward_with_the_weights_installed(arch, name):
     # hydra's router softmax runs in fp32 on purpose; with this test's large random weights
     # its logits reach the hundreds, where fp32 rounding moves a loss by up to 2e-4 (Phi-3;
     # the same check in fp64 leaves 1e-4, from the fp32 router alone)
-    rtol = 5e-4 if name == "hydra" else RTOL
+    rtol = 5e-4 if name.startswith("hydra") else RTOL
     assert rel_err(got, want) <= rtol, (got, want)
     assert np.ptp(got) > 1e-4  # the candidates really differ
 
@@ -197,6 +205,44 @@ def test_hydra_heads_and_router_shapes():
     assert server.space.deltas(0, np.ones(server.dim)) is None  # input-dependent: no merge
     keys = server.state_factors(np.ones((3, server.dim)))
     assert {k for k in keys if k.startswith("0.q.")} == {"0.q.A", "0.q.B", "0.q.router"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hydra_pca_a_is_the_whitened_top_directions_of_the_projection_input(arch):
+    """a_factor pca: each target's A rows are the top principal directions of the
+    projection's input covariance over the real train tokens (measured here with plain
+    hooks on a stock copy), unit variance along each; z moves the heads and the router
+    only, and at z's first order the delta is (1/N) sum_i B_i A x, linear in z."""
+    server, splits = build(arch, "hydra-pca")
+    net = unwrap_all(copy.deepcopy(server.model))
+    layer = server.arch.layers(net)[1]
+    paths = {t: server.arch.projection(net, t).module for t in ("q", "v", "o")}
+    seen: dict[str, list] = {path: [] for path in paths.values()}  # GPT-2: q, v share c_attn
+    for path in seen:
+
+        def keep(module, args, output, path=path):
+            seen[path].append(args[0].detach())
+
+        layer.get_submodule(path).register_forward_hook(keep)
+    hf_logits(net, splits["train"], VERBALIZER)  # one example at a time: no padding
+    fixed = server.space.fixed_a(1)
+    for target, path in paths.items():
+        values = seen[path]
+        x = torch.cat([v.reshape(-1, v.shape[-1]) for v in values]).double()
+        centred = x - x.mean(0)
+        cov = centred.T @ centred / x.shape[0]
+        rows = fixed[target].double()
+        assert rows.shape == (4, x.shape[1])
+        assert torch.allclose(rows @ cov @ rows.T, torch.eye(4, dtype=torch.float64), atol=1e-3)
+        top = torch.linalg.eigh(cov)[1][:, -4:]
+        assert torch.allclose(top @ (top.T @ rows.T), rows.T, atol=1e-4 * float(rows.abs().max()))
+    assert len(server.space.chunk_sizes) == 3 * (3 + 1)  # per target: 3 heads, the router
+    z1, z2 = torch.randn(2, server.dim, generator=torch.Generator().manual_seed(0))
+    both = server.space.weights(1, torch.stack([z1, z2, z1 + z2]), torch.float32)
+    for a, b, router in both.values():
+        assert torch.equal(a[0], a[2]) and torch.equal(a[1], a[2])
+        assert torch.allclose(b[0] + b[1], b[2], atol=1e-6)
+        assert torch.allclose(router[0] + router[1], router[2], atol=1e-6)
 
 
 def test_series_defaults_to_every_residual_writer():
@@ -278,6 +324,14 @@ def test_registry_maps_configs_to_spaces():
         ({"space": "hydra", "hydra_heads": 0}, "hydra_heads: must be a positive integer"),
         ({"space": "parallel", "adapter_size": 0}, "adapter_size: must be a positive integer"),
         ({"space": "hydra", "intrinsic_dim": 9}, "intrinsic_dim: 9 is fewer than the 10"),
+        (
+            {"space": "hydra", "a_factor": "pca", "intrinsic_dim": 7},
+            "intrinsic_dim: 7 is fewer than the 8 weights (3 heads, router per target)",
+        ),
+        (
+            {"space": "hydra", "a_factor": "random"},
+            "a_factor: 'random' is not one of searched, pca for the hydra space",
+        ),
         ({"space": "series", "adapter_down": "pac"}, "adapter_down: 'pac' is not one of"),
         ({"space": "lora", "adapter_down": "pca"}, "adapter_down: not used by the lora space"),
         (
@@ -328,9 +382,9 @@ def test_tune_end_to_end(name, tiny_llama_dir, tmp_path):
     from dfo_lora.server.factory import build_server
     from tests.test_search import tiny_config
 
-    name, _, down = name.partition("-")
-    extra = {"adapter_down": down} if down else {}
-    config = tiny_config(tiny_llama_dir, space=name, budget=6 * 3 * 2, select="final", **extra)
+    options = run_options(name)
+    name = options["space"]
+    config = tiny_config(tiny_llama_dir, budget=6 * 3 * 2, select="final", **options)
     results = tune(config, tmp_path / "run", progress=False)
     assert results["evaluations"] == 36
     assert results["server"]["space"] == name

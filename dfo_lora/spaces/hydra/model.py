@@ -4,6 +4,13 @@ z_l is split into (N + 2) chunks per target, in the order A_t, B_t1 .. B_tN, R_t
 through its own seeded random map scaled from sigma_hat (`ProjectedSpace`), so z = 0 gives
 A = B_i = R = 0: no delta (the router is then uniform, but every head is zero), and a
 small z a small change.
+
+With `a_factor = "pca"` each target's A (r, in) is fixed instead, as LoRA's `a_factor pca`:
+its rows are the top-r principal directions of the projection's input (covariance over
+the train split's real tokens, zero state), each scaled to unit variance; z_l then has
+N + 1 chunks per target, B_t1 .. B_tN, R_t. At z = 0 the router is uniform, so a small
+step of z changes the delta to first order, (1/N) sum_i B_i(z) A x, linear in z like LoRA
+with A fixed; the router's own effect is second order (it mixes heads that start at 0).
 """
 
 from __future__ import annotations
@@ -11,7 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfo_lora.spaces.base import LayerModules, ProjectedSpace, SpaceStatistics, Weights
+from dfo_lora.errors import UserError
+from dfo_lora.lowrank.space import ProjectionMoments, whitened_top_directions
+from dfo_lora.spaces.base import (
+    LayerModules,
+    ProjectedSpace,
+    SpaceStatistics,
+    StatisticsRequest,
+    Weights,
+)
 from dfo_lora.spaces.hydra.config import HydraConfig
 from dfo_lora.spaces.hydra.layer import HydraProjection, install_hydra
 
@@ -45,9 +60,24 @@ class HydraSpace(ProjectedSpace):
     mergeable = False
     tensor_names = ("A", "B", "router")
 
-    def __init__(self, config: HydraConfig, shapes, sigma_hat, device):
+    def __init__(
+        self,
+        config: HydraConfig,
+        shapes,
+        sigma_hat,
+        device,
+        moments: list[dict[str, ProjectionMoments]] | None = None,
+    ):
         self.shapes = shapes  # [(target, in_features, out_features)], the same in every layer
+        if not config.searches_a and moments is None:
+            raise UserError("hydra a_factor pca: needs the moments of each projection's input")
+        self.moments = moments
+        self._fixed_a: dict[int, dict[str, torch.Tensor]] = {}
         super().__init__(config, sigma_hat, device)
+
+    @classmethod
+    def requirements(cls, config: HydraConfig) -> StatisticsRequest:
+        return StatisticsRequest(moment_targets=() if config.searches_a else config.targets)
 
     @classmethod
     def install(cls, config: HydraConfig, arch, model: nn.Module, layer: nn.Module) -> HydraLayer:
@@ -68,14 +98,28 @@ class HydraSpace(ProjectedSpace):
         device: torch.device,
     ) -> HydraSpace:
         shapes = [(t, *modules[0][t].target_shape(t)) for t in config.targets]
-        return cls(config, shapes, stats.sigma_hat, device)
+        return cls(config, shapes, stats.sigma_hat, device, stats.moments)
 
     def _chunk_numels(self) -> list[int]:
         r, heads = self.config.rank, self.config.heads
         numels = []
         for _target, in_features, out_features in self.shapes:
-            numels += [r * in_features] + [out_features * r] * heads + [heads * in_features]
+            a = [r * in_features] if self.config.searches_a else []
+            numels += a + [out_features * r] * heads + [heads * in_features]
         return numels
+
+    def fixed_a(self, layer: int) -> dict[str, torch.Tensor]:
+        """The layer's fixed A (r, in) per target (`a_factor = "pca"`), fp32, on the device."""
+        if layer not in self._fixed_a:
+            self._fixed_a[layer] = {
+                target: whitened_top_directions(
+                    self.moments[layer][target].cov.double().cpu(), self.config.rank
+                )
+                .float()
+                .to(self.device)
+                for target, _, _ in self.shapes
+            }
+        return self._fixed_a[layer]
 
     def weights(self, layer: int, z: torch.Tensor, dtype: torch.dtype) -> Weights:
         """z (P, d) -> {target: (A (P, r, in), B (P, N, out, r), R (P, N, in))}."""
@@ -83,11 +127,13 @@ class HydraSpace(ProjectedSpace):
         r, heads = self.config.rank, self.config.heads
         out, at = {}, 0
         for target, in_features, out_features in self.shapes:
-            a = pieces[at].view(-1, r, in_features)
-            b = torch.stack(
-                [p.view(-1, out_features, r) for p in pieces[at + 1 : at + 1 + heads]], 1
-            )
-            router = pieces[at + 1 + heads].view(-1, heads, in_features)
-            at += heads + 2
+            if self.config.searches_a:
+                a = pieces[at].view(-1, r, in_features)
+                at += 1
+            else:
+                a = self.fixed_a(layer)[target].expand(z.shape[0], r, in_features)
+            b = torch.stack([p.view(-1, out_features, r) for p in pieces[at : at + heads]], 1)
+            router = pieces[at + heads].view(-1, heads, in_features)
+            at += heads + 1
             out[target] = (a.to(dtype), b.to(dtype), router.to(dtype))
         return out
