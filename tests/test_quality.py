@@ -420,6 +420,8 @@ def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path
         ({"space": "series", "adapter_down": "pca", "alpha": 0.01}, "series-pca"),
         ({"space": "parallel", "adapter_down": "searched", "alpha": 0.1}, "parallel a=0.1"),
         ({"space": "hydra", "alpha": 0.01}, "hydra"),
+        ({"space": "hydra", "a_factor": "pca", "alpha": 0.01}, "hydra-pca"),
+        ({"space": "lora", "a_factor": "pca", "alpha": 0.01}, "lora"),
     ],
 )
 def test_spaces_record_names_each_space_from_its_config(tmp_path, config, name):

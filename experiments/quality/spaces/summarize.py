@@ -13,7 +13,8 @@ beside LoRA's runs of the quality benchmark (same budget, seeds and machine):
   `cma/recommended` rows (LoRA with A fixed, experiments/configs/recommended.yaml), and
   `calibrated` and `gradient-lora` its floor and ceiling.
 
-SPACE is the run's `space`, with `-pca` when `adapter_down: pca` and ` a=ALPHA` when alpha
+SPACE is the run's `space`, with `-pca` when `adapter_down: pca` (series, parallel) or
+`a_factor: pca` (hydra), and ` a=ALPHA` when alpha
 is not the recommended 0.01. Writes results.jsonl and table.md next to this file (the
 quality summarizer's format: mean ± std over seeds, and test minus the calibrated zero
 state of the same runs).
@@ -53,7 +54,8 @@ def replay_final():
 def space_of(run: Path) -> str:
     config = yaml.safe_load((run / "config.yaml").read_text())
     name = config.get("space", "lora")
-    if config.get("adapter_down") == "pca" and name in ("series", "parallel"):
+    fixed = config.get("a_factor") if name == "hydra" else config.get("adapter_down")
+    if fixed == "pca" and name != "lora":
         name += "-pca"
     if float(config.get("alpha", 0.01)) != 0.01:
         name += f" a={config['alpha']:g}"
