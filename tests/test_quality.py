@@ -374,7 +374,7 @@ def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tm
     assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 1000
 
 
-def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path):
+def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path, capsys):
     """experiments/quality/replay_final.py scores a finished run's last state: the same
     numbers a `tune --select final` run of the same search reports (selection does not
     steer the search), and its results rows carry them under their own method name."""
@@ -411,6 +411,17 @@ def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path
         f"{name}/last": row["final_test"],
     }
     assert f"| {name}/last |" in (tmp_path / "table.md").read_text()
+
+    # A replay that does not reproduce the run's own number is refused, not written.
+    reported = json.loads((tmp_path / "sweep" / "a" / "results.json").read_text())
+    reported["tuned"]["test"]["loss"] += 1e-3
+    (tmp_path / "sweep" / "a" / "results.json").write_text(json.dumps(reported))
+    out.unlink()
+    capsys.readouterr()  # the tune runs' progress bars
+    assert replay.main(argv[:1] + ["--out", str(out)]) == 2
+    assert not out.exists()
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "the selected state replays at test accuracy" in message
 
 
 @pytest.mark.parametrize(

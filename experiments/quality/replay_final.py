@@ -9,7 +9,10 @@ scores that state on dev and test in the run's own server (same config, data, dt
 calibration as `tune`), so the two rules can be compared on the same searches. One JSON
 row per run is appended to FILE (resumable: runs already in FILE are skipped):
 task, seed, test/dev of the selected state (from results.json), of the final state, and
-of the calibrated zero state; the selected state is scored again as a check of the replay.
+of the calibrated zero state. The selected state is scored again as a check: a replay
+whose selected state does not give results.json's test metric and loss exactly is refused
+(no row written, one line, exit 2). bf16 rounding on the CPU depends on the torch thread
+count, so replay with the run's threads (the sweeps: OMP_NUM_THREADS=1).
 
 The selection rule does not steer the search (dev checks only decide which state is kept),
 so the final state's scores are exactly what `tune --select final` reports for the same
@@ -63,6 +66,10 @@ def tuning_runs(folders: list[str]):
                 yield run
 
 
+class ReplayMismatch(Exception):
+    """The replayed selected state does not score what the run reported."""
+
+
 def replay(run: Path) -> dict:
     results = json.loads((run / "results.json").read_text())
     final_z = load_file(str(run / "checkpoint" / "state.safetensors"))["z"]
@@ -70,9 +77,17 @@ def replay(run: Path) -> dict:
     server = build_server(config.server_spec())
     server.set_state(selected_z)  # replayed: must equal results.json's tuned.test
     replayed = server.evaluate("test")
+    metric = results.get("metric", "accuracy")
+    reported = results["tuned"]["test"]
+    if (replayed[metric], replayed["loss"]) != (reported[metric], reported["loss"]):
+        raise ReplayMismatch(
+            f"{run}: the selected state replays at test {metric} {replayed[metric]:.4f}, "
+            f"loss {replayed['loss']:.6f}, where results.json says {reported[metric]:.4f}, "
+            f"{reported['loss']:.6f} (not replayed: use the run's torch threads, "
+            f"OMP_NUM_THREADS=1 for the sweeps, and the code it ran with)"
+        )
     server.set_state(final_z)
     final = {split: server.evaluate(split) for split in ("dev", "test")}
-    metric = results.get("metric", "accuracy")
     return {
         "run": str(run),
         "task": config.task,
@@ -103,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     for run in tuning_runs(args.folders):
         if str(run) in done:
             continue
-        row = replay(run)
+        try:
+            row = replay(run)
+        except ReplayMismatch as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         with out.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         print(json.dumps(row, sort_keys=True), flush=True)

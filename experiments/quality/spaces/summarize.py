@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if str(run) not in replays:
             print(f"replaying {run}", file=sys.stderr, flush=True)
-            replays[str(run)] = row = replay.replay(run)
+            try:
+                replays[str(run)] = row = replay.replay(run)
+            except replay.ReplayMismatch as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             with args.replays.open("a") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
         space = space_of(run)
