@@ -424,6 +424,27 @@ def test_replayed_final_state_equals_a_select_final_run(tiny_llama_dir, tmp_path
     assert "\n" not in message and "the selected state replays at test accuracy" in message
 
 
+def test_spaces_per_seed_table_puts_each_seed_on_its_line():
+    spaces = load_spaces_summarizer()
+    rows = [
+        {"method": m, "task": t, "seed": sd, "test": test, "calibrated_test": 0.5}
+        for m, t, sd, test in [
+            ("hydra/last", "mr", 13, 0.49),
+            ("lora/last", "mr", 13, 0.52),
+            ("lora/last", "sst2", 42, 0.6),
+            ("lora/dev-selected", "sst2", 42, 0.9),  # not a last state: not shown
+            ("lora/last", "mr", 42, 0.5),
+        ]
+    ]
+    lines = spaces.per_seed_table(rows).splitlines()
+    assert lines[0] == "| task, seed | lora | hydra |"
+    assert lines[2:] == [
+        "| mr, 42 | **+0.0** |  |",
+        "| mr, 13 | **+2.0** | -1.0 |",
+        "| sst2, 42 | **+10.0** |  |",
+    ]
+
+
 @pytest.mark.parametrize(
     "config, name",
     [

@@ -62,6 +62,39 @@ def space_of(run: Path) -> str:
     return name
 
 
+# Columns of the per-seed table, first those of the recommended search's forms.
+COLUMN_ORDER = ("lora", "series-pca", "parallel-pca", "hydra-pca", "hydra", "series", "parallel")
+
+
+def per_seed_table(rows: list[dict]) -> str:
+    """Each (task, seed) on its own line: the last state's test minus the run's calibrated
+    zero state, in points, per space (the best of a line in bold)."""
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for row in rows:
+        if row["method"].endswith("/last") and row.get("calibrated_test") is not None:
+            delta = 100 * (row["test"] - row["calibrated_test"])
+            cells.setdefault((row["task"], row["seed"]), {})[row["method"][: -len("/last")]] = delta
+    spaces = {space for line in cells.values() for space in line}
+    rank = {name: i for i, name in enumerate(COLUMN_ORDER)}
+    columns = sorted(spaces, key=lambda name: (rank.get(name, len(rank)), name))
+    tasks = list(dict.fromkeys(row["task"] for row in rows))  # the quality table's order
+    lines = [
+        "| task, seed | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for task, seed in sorted(cells, key=lambda key: (tasks.index(key[0]), key[1] != 42, key[1])):
+        line = cells[task, seed]
+        best = max(line.values())
+        shown = [
+            ""
+            if c not in line
+            else (f"**{line[c]:+.1f}**" if line[c] == best else f"{line[c]:+.1f}")
+            for c in columns
+        ]
+        lines.append(f"| {task}, {seed} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="*", type=Path)
@@ -105,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize.merge([], rows)
     summarize.save_rows(args.out / "results.jsonl", rows)
     text = summarize.markdown(rows)
+    text += (
+        "\nEach seed on its own: test of the last state minus the calibrated zero state of "
+        "the same run (points; best of a line in bold):\n\n" + per_seed_table(rows)
+    )
     summarize.write_atomic(args.out / "table.md", text.encode())
     print(text)
     print(
