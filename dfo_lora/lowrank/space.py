@@ -126,6 +126,15 @@ class ProjectionMoments:
     cov: torch.Tensor
     out_cov: torch.Tensor | None = None
 
+    def input_moment(self, centred: bool) -> torch.Tensor:
+        """The input's covariance (centred) or uncentred second moment E[x x^T], fp64 on
+        the CPU: what a fixed factor that reads the input is built from."""
+        moment = self.cov.double().cpu()
+        if centred:
+            return moment
+        mean = self.mean.double().cpu()
+        return moment + torch.outer(mean, mean)
+
 
 class LowRankSpace:
     """Maps each layer's z (d,) to the low-rank factors of its adapted projections."""
@@ -229,17 +238,15 @@ class LowRankSpace:
             mats = []
             for index, shape in enumerate(self.shapes):
                 moments = self.moments[layer][shape.target]
-                cov = moments.cov.double().cpu()
                 if self.config.a_factor == "pca":
-                    mat = whitened_top_directions(cov, self.config.rank)
+                    mat = whitened_top_directions(moments.input_moment(True), self.config.rank)
                 else:
                     gen = torch.Generator().manual_seed(
                         (self.config.seed * 1_000_003 + layer * 1_009 + 500 + index) % (2**63)
                     )
                     raw = torch.randn(shape.in_features, self.config.rank, generator=gen)
                     rows = torch.linalg.qr(raw.double())[0].T  # (r, in) orthonormal
-                    mean = moments.mean.double().cpu()
-                    second = cov + torch.outer(mean, mean)
+                    second = moments.input_moment(False)
                     mat = rows / torch.sqrt(torch.trace(second) / shape.in_features)
                 mats.append(mat.float().to(self.device))
             self._fixed_a[layer] = mats

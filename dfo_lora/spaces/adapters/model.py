@@ -118,9 +118,7 @@ class AdapterSpace(ProjectedSpace):
         if layer not in self._fixed_down:
             downs = {}
             for site, moments in self.site_moments[layer].items():
-                mean = moments.mean.double().cpu()
-                second = moments.cov.double().cpu() + torch.outer(mean, mean)
-                down = whitened_top_directions(second, self.config.size)
+                down = whitened_top_directions(moments.input_moment(False), self.config.size)
                 downs[site] = down.float().to(self.device)
             self._fixed_down[layer] = downs
         return self._fixed_down[layer]

@@ -111,9 +111,10 @@ class HydraSpace(ProjectedSpace):
     def fixed_a(self, layer: int) -> dict[str, torch.Tensor]:
         """The layer's fixed A (r, in) per target (`a_factor = "pca"`), fp32, on the device."""
         if layer not in self._fixed_a:
+            moments = self.moments[layer]
             self._fixed_a[layer] = {
                 target: whitened_top_directions(
-                    self.moments[layer][target].cov.double().cpu(), self.config.rank
+                    moments[target].input_moment(True), self.config.rank
                 )
                 .float()
                 .to(self.device)

@@ -55,7 +55,7 @@ def space_of(run: Path) -> str:
     config = yaml.safe_load((run / "config.yaml").read_text())
     name = config.get("space", "lora")
     fixed = config.get("a_factor") if name == "hydra" else config.get("adapter_down")
-    if fixed == "pca" and name != "lora":
+    if fixed == "pca":
         name += "-pca"
     if float(config.get("alpha", 0.01)) != 0.01:
         name += f" a={config['alpha']:g}"
