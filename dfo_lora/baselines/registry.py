@@ -106,7 +106,14 @@ class Method:
 
 
 def _build() -> dict[str, Method]:
-    from dfo_lora.baselines import gradient_lora, icl, mezo_lora, paper, zero_shot
+    from dfo_lora.baselines import (
+        gradient_lora,
+        icl,
+        mezo_lora,
+        paper,
+        subspace_gradient,
+        zero_shot,
+    )
 
     methods = [
         Method("zero-shot", zero_shot.run_zero_shot, zero_shot.HELP_ZERO_SHOT),
@@ -118,6 +125,12 @@ def _build() -> dict[str, Method]:
             gradient_lora.HELP,
             gradient_lora.OPTIONS,
             needs_peft=True,
+        ),
+        Method(
+            "subspace-gradient",
+            subspace_gradient.run,
+            subspace_gradient.HELP,
+            subspace_gradient.OPTIONS,
         ),
         Method("mezo-lora", mezo_lora.run, mezo_lora.HELP, mezo_lora.OPTIONS, needs_peft=True),
         Method("c-lora", paper.run_c_lora, paper.HELP_C_LORA, paper.OPTIONS, uses_tune=True),

@@ -28,7 +28,7 @@ and starts the others afresh. `backend: local` in `config` runs the grid one run
 time in this process instead.
 
 Baselines: `method` also takes a baseline name (`dfo-lora baseline`: zero-shot,
-calibrated, icl, gradient-lora, mezo-lora, c-lora, f-lora). Such a run runs that
+calibrated, icl, gradient-lora, subspace-gradient, mezo-lora, c-lora, f-lora). Such a run runs that
 baseline on the run's model, task, data and seed (the other TuneConfig values of the
 run are its shared settings: test_limit, max_length, dtype, ...), in this process, one
 at a time (backend local), writes its folder and its sweep.jsonl line like a tuning

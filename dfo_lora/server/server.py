@@ -351,6 +351,14 @@ class EvaluationServer:
             self.adapted[layer].commit(None)
         self._valid_upto = min(self._valid_upto, layer)
 
+    def install_weights(self, layer: int, weights) -> None:
+        """Put weights that are no committed z into a layer's modules: the autograd
+        tensors of an in-process trainer (baselines/subspace_gradient.py). The layer's z
+        reads NaN (unknown) until the next `commit` or `set_state` replaces the weights."""
+        self.adapted[layer].commit(weights)
+        self.z[layer] = np.nan
+        self._valid_upto = min(self._valid_upto, layer)
+
     def set_state(self, z: np.ndarray) -> None:
         """Commit every layer at once: z (L, d)."""
         z = np.asarray(z, dtype=np.float64)
