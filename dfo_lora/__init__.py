@@ -17,10 +17,10 @@ def __getattr__(name: str):
         from dfo_lora import config
 
         return getattr(config, name)
-    if name == "tune":
-        from dfo_lora.search.run import tune
+    if name == "tune":  # on the backend the config names (local, or Ray actors)
+        from dfo_lora.distributed.run import run_tune
 
-        return tune
+        return run_tune
     if name == "load_tuned":
         from dfo_lora.native import load_tuned
 

@@ -126,6 +126,27 @@ def test_ray_backend_matches_local_exactly(ray_cluster, local_run, tiny_llama_di
     assert_same_run(local_run[0], tmp_path / "ray")
 
 
+def test_public_tune_runs_on_the_backend_the_config_names(
+    ray_cluster, local_run, tiny_llama_dir, tmp_path
+):
+    """`dfo_lora.tune` (the Python API) with `backend: ray` runs on server actors, as the
+    CLI does, with the local backend's numbers; it used to run locally without a word."""
+    import dfo_lora
+
+    config = tiny_config(tiny_llama_dir, backend="ray", servers=1, cpus_per_server=1)
+    results = dfo_lora.tune(config, tmp_path / "ray", progress=False)
+    assert results["server"]["backend"] == {"name": "ray", "servers": 1}
+    assert_same_run(local_run[0], tmp_path / "ray")
+
+
+def test_in_process_tune_refuses_a_ray_config(tiny_llama_dir, tmp_path):
+    """`search.run.tune` builds no actors: a ray config without a server is an error
+    naming `dfo_lora.tune`, before anything is loaded or written."""
+    with pytest.raises(UserError, match=r"backend: 'ray' .* call dfo_lora\.tune"):
+        tune(tiny_config(tiny_llama_dir, backend="ray"), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_ray_elitist_search_of_a_layer_subset_matches_local(ray_cluster, tiny_llama_dir, tmp_path):
     """--elitist adds the current z to a population that the proxy splits across actors."""
     from dfo_lora.distributed import run_tune

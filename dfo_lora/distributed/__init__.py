@@ -5,7 +5,7 @@
   group: scatter of a population, gather in candidate order, state sync, retries);
 - `optimizers`: `OptimizerPool` actor and the `RemoteOptimizers` factory the loop takes;
 - `cluster`: connecting to Ray (`auto`, `local`, an address) and capacity checks;
-- `run`: `run_tune`, `dfo-lora tune` on either backend;
+- `run`: `run_tune` (the public `dfo_lora.tune`, and `dfo-lora tune`) on either backend;
 - `sweep`: `run_sweep`, `dfo-lora sweep FILE`.
 
 The single-process path stays the default and never imports Ray.

@@ -1,4 +1,5 @@
-"""`dfo-lora tune` with either backend: the same `search.run.tune`, other server and optimizers."""
+"""`tune` on the backend the config names: the same `search.run.tune`, other server and
+optimizers. `run_tune` is the public `dfo_lora.tune` and what `dfo-lora tune` calls."""
 
 from __future__ import annotations
 
@@ -13,11 +14,22 @@ def run_tune(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    server=None,
+    optimizers=None,
 ) -> dict:
-    """`search.run.tune` on the backend the config names (a resumed run: its saved config)."""
-    from dfo_lora.search.run import prepare_out_dir, tune
+    """Run (or resume) a search on the backend the config names (`backend`: local or ray;
+    a resumed run: its saved config's); returns the results dict (results.json).
 
+    `server` / `optimizers` (a ready server, where the optimizers live) go straight to
+    `search.run.tune`: whoever passes them has placed the run already.
+    """
+    from dfo_lora.search.run import DEFAULT_OUT, prepare_out_dir, tune
+
+    if server is not None or optimizers is not None:
+        return tune(config, out, resume, overwrite, progress, server, optimizers)
     resolved = config
+    if out is None and not resume:
+        out = DEFAULT_OUT
     if out is not None:  # checks the folder before any actor starts; nothing is written
         resolved = prepare_out_dir(Path(out), config, resume, overwrite)
     if resolved is None or resolved.backend == "local":

@@ -33,6 +33,7 @@ from dfo_lora.search.checkpoint import atomic_write_bytes, load_state, save_stat
 from dfo_lora.search.loop import LayerwiseSearch
 
 CHECKPOINT = Path("checkpoint") / "state.safetensors"
+DEFAULT_OUT = Path("runs") / "latest"  # a run's folder when none is given
 
 
 def versions() -> dict:
@@ -111,20 +112,26 @@ def tune(
     server=None,
     optimizers=None,
 ) -> dict:
-    """Run (or resume) a C-LoRA / F-LoRA search; returns the results dict.
+    """Run (or resume) a C-LoRA / F-LoRA search in this process; returns the results dict.
 
     `server` lets a caller pass a ready server (in-process or a Ray proxy); by default
     one is built from the config. `optimizers` places the per-layer optimizers (see
-    LayerwiseSearch; default in-process).
+    LayerwiseSearch; default in-process). A `backend: ray` config needs its server
+    passed: the public `dfo_lora.tune` (`distributed.run.run_tune`) starts the actors.
     """
     if out is None:
         if resume:
             raise UserError("resume: needs the run's output folder")
-        out = Path("runs") / "latest"
+        out = DEFAULT_OUT
     out = Path(out)
     config = prepare_out_dir(out, config if config is not None else None, resume, overwrite)
     if config is None:
         config = TuneConfig().validate()
+    if server is None and config.backend != "local":
+        raise UserError(
+            f"backend: {config.backend!r} is not run by dfo_lora.search.run.tune, which runs "
+            "in this process; call dfo_lora.tune, which starts the Ray actors"
+        )
     state = load_state(out / CHECKPOINT) if resume else None
     if server is None:
         from dfo_lora.server.factory import build_server
