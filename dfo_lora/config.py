@@ -1,6 +1,6 @@
 """One typed config for a tuning run: defaults, YAML loading, CLI overrides, validation.
 
-Defaults are the paper's (DESIGN.md §2): C-LoRA on q and k, r = 4, d = 500, popsize 20,
+Defaults are the paper's (arXiv 2403.01754): C-LoRA on q and k, r = 4, d = 500, popsize 20,
 budget 8000, alpha = sigma = 1, cross-entropy, one generation per layer per visit,
 bottom-up, commit the best-ever candidate. Every value is validated with a message that
 names the field; an unknown key gets a did-you-mean.

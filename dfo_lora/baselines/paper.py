@@ -1,7 +1,7 @@
 """`c-lora` and `f-lora`: the paper's layer-wise search with the paper's settings.
 
 Both run `tune` itself (any backend the config names) with the settings of the DFO-LoRA
-paper (DESIGN.md §2; the same values as experiments/configs/paper_default.yaml, which a
+paper (arXiv 2403.01754; the same values as experiments/configs/paper_default.yaml, which a
 test compares): LoRA on q and k of every layer, r = 4, d = 500, alpha = sigma = 1,
 popsize 20, one generation per visit, bottom-up, commit the best-ever candidate, not
 elitist; `c-lora` uses CMA-ES in every layer, `f-lora` the Fireworks Algorithm

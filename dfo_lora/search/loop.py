@@ -1,4 +1,4 @@
-"""The layer-wise search (divide and conquer over layers), DESIGN.md §2.
+"""The layer-wise search (divide and conquer over layers; ARCHITECTURE.md "The method").
 
 One optimizer per layer keeps its own state across rounds. A round visits every searched
 layer (`layers`: all by default; the others stay at z = 0), bottom-up by default; a visit

@@ -56,7 +56,8 @@ def versions() -> dict:
 
 
 # CPU flags that decide speed and numerics here: bf16 is native (and `--dtype auto` picks
-# it) with AMX or avx512_bf16; without them fp32 on AVX2/AVX-512 (DESIGN.md §4).
+# it) with AMX or avx512_bf16; without them fp32 on AVX2/AVX-512 (BENCHMARKS.md "The
+# dtype on each CPU").
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 

@@ -7,7 +7,7 @@ numpy arrays and plain dicts, so the same object runs in-process or as a Ray act
     commit(layer, z[d])          # the layer's current best; all other layers stay fixed
     evaluate(split) -> {"accuracy": ..., "loss": ..., ...}
 
-What makes `score` fast (DESIGN.md §4), each exact up to dtype rounding:
+What makes `score` fast (ARCHITECTURE.md), each exact up to dtype rounding:
 - prefix cache: the train set's input to every layer under the committed state is
   kept; scoring layer l runs only layers l..L-1; a commit at layer j invalidates the
   cache above j only;

@@ -1,6 +1,6 @@
 """Task specifications: labels, templates, verbalizers, metric — and the registry.
 
-Masked-LM templates and verbalizers are the DFO-LoRA / BBT ones (DESIGN.md §2); SST-5 and
+Masked-LM templates and verbalizers are those of the DFO-LoRA and BBT papers; SST-5 and
 TREC follow LM-BFF (Gao et al. 2021). Causal-LM templates are ours: the paper only uses
 masked LMs, and a causal LM must predict the label word as the NEXT token, so every causal
 template ends right before the label word:
