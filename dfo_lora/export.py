@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from dfo_lora.errors import UserError, did_you_mean
+from dfo_lora.fileio import create_temp_dir, honour_umask
 
 FORMATS = ("peft", "merged", "native")
 STATES = ("best", "final")
@@ -199,12 +199,13 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, state: str = "bes
     else:
         write = lora_writer(fmt, tensors, config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging = create_temp_dir(out.parent, f".{out.name}-")  # the umask applies, as to mkdir
     try:
         write(staging)
         if fmt != "native":  # the native manifest is this file
             note = {"run": str(run_dir.resolve()), "format": fmt, "state": state}
             (staging / "dfo_lora_export.json").write_text(json.dumps(note, indent=2))
+        honour_umask(staging)  # safetensors writes 0o600; the export is a plain folder
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from dfo_lora.backbone.registry import Architecture, architecture_for
 from dfo_lora.errors import UserError
+from dfo_lora.fileio import create_temp_dir, honour_umask
 
 # Presets resolve to a GGUF file shipped inside a registry package.
 PRESETS: dict[str, tuple[str, str]] = {
@@ -116,7 +116,7 @@ def converted_gguf_folder(gguf: Path, name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = create_temp_dir(target.parent, f".{target.name}-")  # mode as mkdir gives
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(
@@ -131,6 +131,7 @@ def converted_gguf_folder(gguf: Path, name: str) -> Path:
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        honour_umask(staging)  # safetensors writes 0o600; the cache is a plain folder
         os.replace(staging, target)  # atomic: a half-written folder is never picked up
     except FileExistsError:
         shutil.rmtree(staging, ignore_errors=True)  # another process finished first

@@ -5,21 +5,22 @@ z per layer, counters, RNG states). Arrays are lifted out into the safetensors t
 under their path ("optimizers.3.mean"), the remaining tree goes into the file's metadata
 as JSON. The file is written to a temporary name and renamed over the old one, so a
 kill at any moment leaves either the previous or the new checkpoint, never half of one.
-No pickle anywhere.
+Temporary files get the mode a plain open() gives (the umask applies), so the renamed
+file is as readable as any other file the user writes. No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from dfo_lora.errors import UserError
+from dfo_lora.fileio import create_temp_file
 
 ARRAY_KEY = "__array__"
 
@@ -52,7 +53,7 @@ def _join(tree, arrays: dict[str, np.ndarray]):
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file via a temporary sibling and rename, so readers never see half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = create_temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -64,20 +65,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -> None:
+    """numpy arrays as a safetensors file, written atomically with the umask's mode
+    (safetensors' own save_file makes the file 0o600)."""
+    atomic_write_bytes(path, save(arrays, metadata=metadata))
+
+
 def save_state(path: Path, state: dict) -> None:
     arrays: dict[str, np.ndarray] = {}
     tree = _split(state, "", arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata={"state": json.dumps(tree)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_safetensors(path, arrays, {"state": json.dumps(tree)})
 
 
 def load_state(path: Path) -> dict:

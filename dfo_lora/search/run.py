@@ -23,13 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from dfo_lora.config import TuneConfig, load_config
 from dfo_lora.errors import UserError
 from dfo_lora.export import factor_tensors
 from dfo_lora.search.callbacks import JsonlLog, ProgressBar, tensorboard_if_available
-from dfo_lora.search.checkpoint import atomic_write_bytes, load_state, save_state
+from dfo_lora.search.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_safetensors,
+    load_state,
+    save_state,
+)
 from dfo_lora.search.loop import LayerwiseSearch
 
 CHECKPOINT = Path("checkpoint") / "state.safetensors"
@@ -209,13 +214,11 @@ def save_tuned(
     """The tuned state: z per layer (the config, in metadata, rebuilds the same
     projections), the fp32 weights of the best and final states (LoRA's factors, for
     `export`) and the space's own state (name, seed, sigma_hat) as JSON metadata."""
-    tmp = path.with_name(f".{path.name}.tmp")
     arrays = {"z": np.ascontiguousarray(z), **(factors or {})}
     metadata = {"config": config.to_yaml()}
     if space_state is not None:
         metadata["space"] = json.dumps(space_state)
-    save_file(arrays, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    atomic_write_safetensors(path, arrays, metadata)  # the umask's mode, as open() gives
 
 
 def load_tuned_state(run_dir: Path, state: str = "best"):

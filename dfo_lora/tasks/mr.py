@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from dfo_lora.errors import UserError
+from dfo_lora.fileio import create_temp_dir
 from dfo_lora.tasks.sampling import stable_permutation
 
 PACKAGE = "vaderSentiment==3.3.2"
@@ -146,9 +147,8 @@ def ensure_mr(cache_dir: str | os.PathLike | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="mr-download-") as tmp:
         rows = _extract_rows(_download_sdist(Path(tmp)))
     train, test = split_rows(rows)
-    staging = Path(tempfile.mkdtemp(prefix=".mr-", dir=root))
+    staging = create_temp_dir(root, ".mr-")  # the umask applies, as to a plain mkdir
     try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the data is not
         _write_jsonl(staging / "train.jsonl", train)
         _write_jsonl(staging / "test.jsonl", test)
         if folder.exists():  # a partial folder left by hand: replace it
