@@ -16,8 +16,10 @@ Dev selection is `tune`'s rule (search/loop.py): the state with the best dev met
 kept, ties go to the lower dev loss, then to the earlier state; the starting state
 (step 0) competes. Test is scored once, with the kept state.
 
-The output folder is created only when a method starts writing (after every check has
-passed), so bad input leaves nothing behind: `config.yaml` (the TuneConfig of the shared
+The output folder is written only when a method starts writing (after every check has
+passed), so bad input leaves nothing behind; `run_baseline` holds its lock for the whole
+run (search/outdir.py), and a previous run's files are removed then, never the folder or
+anything dfo-lora did not write: `config.yaml` (the TuneConfig of the shared
 settings), `baseline.yaml` (method and resolved options), `log.jsonl` (one line per
 training step, `kind: generation` like tune's lines, and per dev evaluation),
 `results.json` (tune's keys plus `method`, `options`, `calibrated_zero_shot`).
@@ -26,7 +28,6 @@ training step, `kind: generation` like tune's lines, and per dev evaluation),
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 import yaml
 
 from dfo_lora.config import TuneConfig
+from dfo_lora.search import outdir
 from dfo_lora.search.callbacks import JsonlLog
 from dfo_lora.search.checkpoint import atomic_write_bytes
 from dfo_lora.search.loop import _better as better_dev  # tune's dev-selection rule
@@ -77,11 +79,11 @@ class Context:
 
     # ------------------------------------------------------------------ output folder
     def open_out(self) -> Path:
-        """Create the output folder (once); from here on the run writes into it."""
+        """Start writing the output folder (once): a previous run's files are removed (only
+        those: `outdir.clear`), then the run writes into it."""
         if self._log is None:
-            if self.out.exists():
-                shutil.rmtree(self.out)
-            self.out.mkdir(parents=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            outdir.clear(self.out)
             atomic_write_bytes(self.out / "config.yaml", self.config.to_yaml().encode())
             described = {"method": self.method, "options": self.options}
             atomic_write_bytes(

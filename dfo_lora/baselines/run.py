@@ -29,8 +29,10 @@ def run_baseline(
     `config` gives the shared settings (model, task, data_dir, k, seed, test_limit,
     max_length, dtype, device, loss, performance); `options` the method's own (CLI
     strings or YAML values, checked against the registry). Every check (method, options,
-    peft, output folder, ICL fit) runs before anything is written to `out`.
+    peft, output folder, ICL fit) runs before anything is written to `out`, and the run
+    holds the folder's lock from loading the model to its last write (search/outdir.py).
     """
+    from dfo_lora.search import outdir
     from dfo_lora.search.run import prepare_out_dir
 
     entry = get_method(method)
@@ -41,12 +43,13 @@ def run_baseline(
     if out.exists() and not out.is_dir():
         raise UserError(f"out: {out} is a file, not a folder")
     prepare_out_dir(out, config, resume=False, overwrite=overwrite)  # checks only
-    if entry.uses_tune:
-        return entry.run(config, resolved, out, overwrite=overwrite, progress=progress)
-
-    ctx = prepare_context(entry.name, config, resolved, out, progress)
-    ctx.score_prompt()
-    return entry.run(ctx)
+    with outdir.hold(out):  # tune, for c-lora / f-lora, holds it again (re-entrant)
+        prepare_out_dir(out, config, resume=False, overwrite=overwrite)  # now that it is ours
+        if entry.uses_tune:
+            return entry.run(config, resolved, out, overwrite=overwrite, progress=progress)
+        ctx = prepare_context(entry.name, config, resolved, out, progress)
+        ctx.score_prompt()
+        return entry.run(ctx)
 
 
 def prepare_context(

@@ -11,14 +11,18 @@ Output folder:
 - `tuned.safetensors` z per layer of the best-dev state (+ the space's settings), which
                        `dfo-lora eval` loads, and the fp32 weights of the best and the final
                        state (the space's `export_tensors`; LoRA: factors A, B), which
-                       `dfo-lora export` writes as PEFT, merged or native weights.
+                       `dfo-lora export` writes as PEFT, merged or native weights;
+- `.lock`             while the run lives: its pid and host (`outdir`: one run per folder,
+                       --overwrite removes only these files).
+
+Every check that can fail before the first evaluation (the folder, the config, the model,
+the layers and the budget against the model) runs before the first write.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ from safetensors.numpy import load_file
 from dfo_lora.config import TuneConfig, load_config
 from dfo_lora.errors import UserError
 from dfo_lora.export import factor_tensors
+from dfo_lora.search import outdir
 from dfo_lora.search.callbacks import JsonlLog, ProgressBar, tensorboard_if_available
 from dfo_lora.search.checkpoint import (
     atomic_write_bytes,
@@ -86,7 +91,15 @@ def hardware() -> dict:
 
 
 def prepare_out_dir(out: Path, config: TuneConfig, resume: bool, overwrite: bool) -> TuneConfig:
-    """Check the folder before anything is written; returns the config to run."""
+    """Check the folder before anything is written; returns the config to run.
+
+    A folder that another live run holds is refused (`outdir.check_not_held`); its lock
+    never counts as content, and `overwrite` is refused for a folder holding files that
+    dfo-lora did not write (`outdir.check_clearable`).
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out: {out} is a file, not a folder")
+    outdir.check_not_held(out)
     if resume:
         saved = out / "config.yaml"
         if not saved.is_file():
@@ -103,9 +116,10 @@ def prepare_out_dir(out: Path, config: TuneConfig, resume: bool, overwrite: bool
                 "resume with the same settings or start a new --out"
             )
         return previous
-    if out.exists() and any(out.iterdir()):
+    if outdir.contents(out):
         if not overwrite:
             raise UserError(f"out: {out} exists and is not empty; pass --overwrite or --resume")
+        outdir.check_clearable(out)
     return config
 
 
@@ -138,21 +152,22 @@ def tune(
             f"backend: {config.backend!r} is not run by dfo_lora.search.run.tune, which runs "
             "in this process; call dfo_lora.tune, which starts the Ray actors"
         )
+    with outdir.hold(out):  # one run per folder, from here to the end, however it ends
+        prepare_out_dir(out, config, resume, overwrite)  # again, now that the folder is ours
+        return _run(config, out, resume, progress, server, optimizers)
+
+
+def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, optimizers):
+    """`tune` in a folder this process holds: every check first (the server's, and the
+    search's layers and budget against the model), then the first write."""
     state = load_state(out / CHECKPOINT) if resume else None
     if server is None:
         from dfo_lora.server.factory import build_server
 
         server = build_server(config.server_spec())
-    if not resume:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        atomic_write_bytes(out / "config.yaml", config.to_yaml().encode())
-
     log = JsonlLog(out / "log.jsonl")
     callbacks = [log, ProgressBar(server_metric(server), disable=not progress)]
-    callbacks += tensorboard_if_available(out / "tensorboard")
-    search = LayerwiseSearch(
+    search = LayerwiseSearch(  # checks the layers and the budget: nothing is written yet
         server,
         config,
         metric=server_metric(server),
@@ -162,9 +177,11 @@ def tune(
     )
     if state is not None:
         search.load_state_dict(state)
-        log.truncate(search.log_lines)
-    else:
-        log.truncate(0)
+    else:  # the first write: a previous run's files go (overwrite), the config comes
+        outdir.clear(out)
+        atomic_write_bytes(out / "config.yaml", config.to_yaml().encode())
+    log.truncate(search.log_lines if state is not None else 0)
+    search.callbacks.extend(tensorboard_if_available(out / "tensorboard"))
     results = search.run()
     results["calibrated_zero_shot"] = calibrated_zero_shot(server, config, results["zero_shot"])
     results["peak_mem_bytes"] = server.peak_memory()
