@@ -125,10 +125,10 @@ def run(ctx) -> dict:
 
 
 def save_z(path, state: np.ndarray, meta: dict) -> None:
-    """The kept z (L, d) as fp32 safetensors, written atomically."""
-    from safetensors.torch import save_file
+    """The kept z (L, d) as fp32 safetensors, written atomically with the umask's mode."""
+    from safetensors.torch import save
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    from dfo_lora.search.checkpoint import atomic_write_bytes
+
     tensor = torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32))
-    save_file({"z": tensor}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    tmp.replace(path)
+    atomic_write_bytes(path, save({"z": tensor}, metadata={k: str(v) for k, v in meta.items()}))
