@@ -20,6 +20,7 @@ from dfo_lora.baselines.run import prepare_context
 from dfo_lora.baselines.subspace_gradient import install
 from dfo_lora.cli import main
 from dfo_lora.config import TuneConfig
+from tests.test_baselines import cli_args
 
 SPACE = dict(targets=["v", "o"], a_factor="pca", intrinsic_dim=8, alpha=0.5, sigma=0.2)
 
@@ -66,29 +67,10 @@ def test_run_lowers_the_loss_and_keeps_the_selected_z(tmp_path, tiny_llama_dir, 
     config.write_text(json.dumps(SPACE))  # YAML is a superset of JSON
 
     def args(out, *extra):
-        return [
-            "baseline",
-            "subspace-gradient",
-            "--config",
-            str(config),
-            "--model",
-            str(tiny_llama_dir),
-            "--test-limit",
-            "24",
-            "--dtype",
-            "fp32",
-            "--quiet",
-            "--out",
-            str(out),
-            "--steps",
-            "6",
-            "--eval-every",
-            "3",
-            "--lr",
-            "0.05",
-            "--calibrate",
-            *extra,
-        ]
+        options = ["--steps", "6", "--eval-every", "3", "--lr", "0.05", "--calibrate"]
+        return cli_args(
+            tiny_llama_dir, "subspace-gradient", out, "--config", config, *options, *extra
+        )
 
     out = tmp_path / "run"
     assert main(args(out)) == 0

@@ -136,20 +136,39 @@ class Context:
 
 
 class DevSelection:
-    """tune's rule: best dev metric, ties to the lower dev loss, then the earlier state."""
+    """tune's rule: best dev metric, ties to the lower dev loss, then the earlier state;
+    with `last`, every offer is kept (tune's `select: final`: the newest state)."""
 
-    def __init__(self, metric: str):
+    def __init__(self, metric: str, last: bool = False):
         self.metric = metric
+        self.last = last
         self.best: dict | None = None
         self.best_evals = 0
         self.best_step = 0
         self.state = None
 
     def offer(self, dev: dict, evals: int, step: int, state=None) -> bool:
-        if not better_dev(dev, self.best, self.metric):
+        if not self.last and not better_dev(dev, self.best, self.metric):
             return False
         self.best, self.best_evals, self.best_step, self.state = dev, evals, step, state
         return True
+
+
+def step_record(
+    step: int, loss: float, best_loss: float, accuracy: float, started: float, **extra
+) -> dict:
+    """The log line of one full-batch training step (`kind: generation`, as tune's)."""
+    return {
+        "evals": step,
+        "step": step,
+        "popsize": 1,
+        "loss_min": loss,
+        "loss_mean": loss,
+        "best_loss": best_loss,
+        "train_acc_max": accuracy,
+        **extra,
+        "time_s": time.perf_counter() - started,
+    }
 
 
 def train_logits(server, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

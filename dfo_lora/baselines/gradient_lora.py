@@ -17,11 +17,9 @@ LoRA weights are saved as `lora.safetensors` (peft's parameter names).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from dfo_lora.baselines.common import DevSelection, ProgressBar, train_loss
+from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
 from dfo_lora.baselines.lora import add_lora, finish_lora_run, snapshot
 from dfo_lora.baselines.registry import Option
 
@@ -67,18 +65,7 @@ def run(ctx) -> dict:
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        ctx.log_step(
-            {
-                "evals": step,
-                "step": step,
-                "popsize": 1,
-                "loss_min": losses[-1],
-                "loss_mean": losses[-1],
-                "best_loss": min(losses),
-                "train_acc_max": accuracy,
-                "time_s": time.perf_counter() - ctx.started,
-            }
-        )
+        ctx.log_step(step_record(step, losses[-1], min(losses), accuracy, ctx.started))
         bar.step(losses[-1])
         if step % o["eval_every"] == 0 or step == o["steps"]:
             dev_check(step)

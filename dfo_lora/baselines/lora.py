@@ -106,12 +106,10 @@ def restore(params: list[tuple[str, nn.Parameter]], state: dict[str, torch.Tenso
 def save_lora(path, params: list[tuple[str, nn.Parameter]], meta: dict) -> None:
     """The kept LoRA weights (fp32, peft's parameter names) as safetensors, written
     atomically with the umask's mode (safetensors' save_file makes files 0o600)."""
-    from safetensors.torch import save
+    from dfo_lora.search.checkpoint import atomic_write_safetensors
 
-    from dfo_lora.search.checkpoint import atomic_write_bytes
-
-    tensors = {n: p.detach().cpu().contiguous() for n, p in params}
-    atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in meta.items()}))
+    arrays = {n: p.detach().cpu().contiguous().numpy() for n, p in params}
+    atomic_write_safetensors(path, arrays, {k: str(v) for k, v in meta.items()})
 
 
 def lora_parameter_count(params) -> int:

@@ -26,12 +26,10 @@ over the train split (one per step, each with its backward).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
-from dfo_lora.baselines.common import DevSelection, ProgressBar, train_loss
+from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
 from dfo_lora.baselines.registry import Option
 from dfo_lora.errors import UserError
 
@@ -67,7 +65,7 @@ def run(ctx) -> dict:
         raise UserError(f"{ctx.method}: space {ctx.config.space!r} is not supported (lora only)")
     z = torch.zeros(server.num_layers, server.dim, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.AdamW([z], lr=o["lr"], weight_decay=o["weight_decay"])
-    select = DevSelection(ctx.metric)
+    select = DevSelection(ctx.metric, last=o["select"] == "final")
 
     def as_state() -> np.ndarray:
         return z.detach().double().numpy().copy()
@@ -75,8 +73,6 @@ def run(ctx) -> dict:
     def dev_check(step: int) -> None:
         server.set_state(as_state())
         dev = ctx.evaluate("dev", o["calibrate"])
-        if o["select"] == "final":  # keep the newest state, whatever dev says
-            select.best = None
         select.offer(dev, evals=step, step=step, state=as_state())
         ctx.log_dev({"evals": step, "step": step, "dev": dev, "best_dev": select.best})
         bar.dev(select.best)
@@ -91,18 +87,9 @@ def run(ctx) -> dict:
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        z_norm = float(z.detach().norm())
         ctx.log_step(
-            {
-                "evals": step,
-                "step": step,
-                "popsize": 1,
-                "loss_min": losses[-1],
-                "loss_mean": losses[-1],
-                "best_loss": min(losses),
-                "train_acc_max": accuracy,
-                "z_norm": float(z.detach().norm()),
-                "time_s": time.perf_counter() - ctx.started,
-            }
+            step_record(step, losses[-1], min(losses), accuracy, ctx.started, z_norm=z_norm)
         )
         bar.step(losses[-1])
         if step % o["eval_every"] == 0 or step == o["steps"]:
@@ -126,9 +113,7 @@ def run(ctx) -> dict:
 
 def save_z(path, state: np.ndarray, meta: dict) -> None:
     """The kept z (L, d) as fp32 safetensors, written atomically with the umask's mode."""
-    from safetensors.torch import save
+    from dfo_lora.search.checkpoint import atomic_write_safetensors
 
-    from dfo_lora.search.checkpoint import atomic_write_bytes
-
-    tensor = torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32))
-    atomic_write_bytes(path, save({"z": tensor}, metadata={k: str(v) for k, v in meta.items()}))
+    z = np.ascontiguousarray(state, dtype=np.float32)
+    atomic_write_safetensors(path, {"z": z}, {k: str(v) for k, v in meta.items()})
