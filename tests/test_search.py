@@ -255,7 +255,10 @@ def test_nonfinite_losses_count_as_worst(tiny_llama_dir, dtype):
     config = tiny_config(tiny_llama_dir, dtype=dtype)
     losses = build_server(config.server_spec()).score(0, cands)["loss"]
     assert np.isfinite(losses).all()
-    assert losses[0] == losses[2] and 100 * losses[0] < losses[1] <= WORST_LOSS
+    # The two zero candidates sit in different blocks of the stacked batch: equal up to
+    # the kernels' rounding (2e-8 apart on a 2-thread AVX2 CPU in fp32).
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6)
+    assert 100 * losses[0] < losses[1] <= WORST_LOSS
 
 
 def test_hybrid_alternates_optimizer_kinds(tiny_llama_dir):

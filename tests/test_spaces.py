@@ -193,8 +193,11 @@ def test_cached_equals_uncached_and_chunked(arch, name):
         server.commit(0, commits[0] * 0.5)  # invalidates the cache above layer 0
         second = server.score(1, cands)["loss"]
         results[key] = np.concatenate([first, second])
-    for key in ("uncached", "chunked"):
-        assert rel_err(results[key], results["cached"]) <= 1e-5, key
+    # The same work in other shapes: fp32 rounding only. Chunked pads every example to
+    # one length and cuts the population into other row counts, so the BLAS kernels (and
+    # their sums' order) differ; on a 2-thread AVX2 CPU that reached 1.3e-5.
+    assert rel_err(results["uncached"], results["cached"]) <= 1e-5, "uncached"
+    assert rel_err(results["chunked"], results["cached"]) <= 5e-5, "chunked"
 
 
 def test_hydra_heads_and_router_shapes():
