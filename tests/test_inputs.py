@@ -129,3 +129,79 @@ def test_tune_on_a_broken_model_writes_nothing(tiny_llama_dir, tmp_path, capsys,
         capsys, "tune", "--model", folder, "--data-dir", data_dir, "--quiet", "--out", out
     )
     assert "has no weights" in line and list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------- task templates
+
+TASK_YAML = """\
+name: reviews
+labels: [bad, good]
+verbalizer: [terrible, great]
+templates:
+  clm: "{clm}"
+data:
+  train: train.jsonl
+  text_a: text
+  label: label
+"""
+
+
+def _task_file(tmp_path: Path, clm: str) -> Path:
+    rows = [json.dumps({"text": f"review {i}", "label": i % 2}) for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    path = tmp_path / "task.yaml"
+    path.write_text(TASK_YAML.replace("{clm}", clm))
+    return path
+
+
+@pytest.mark.parametrize(
+    "clm, expected",
+    [
+        ("{txt} . It was", "unknown placeholder {txt}"),
+        ("{text_a} . It was {label}", "unknown placeholder {label}"),
+        ("{text_a . It was", "unclosed brace at character 1"),
+        ("{text_a} . It {was", "unclosed brace at character 15"),
+        ("{text_a} . It was }", "'}' without an opening brace at character 19"),
+        ("{} {text_a}", "unknown placeholder {}"),
+    ],
+)
+def test_task_file_template_with_a_bad_brace_is_refused(tmp_path, clm, expected):
+    from dfo_lora.tasks import load_task_file
+
+    path = _task_file(tmp_path, clm)
+    message = one_line(load_task_file, path)
+    assert message.startswith(f"{path}: field 'templates.clm': {expected}; use {{text_a}}")
+    assert "{{ and }} for a literal brace" in message
+
+
+def test_builtin_templates_are_checked_the_same_way():
+    import dataclasses
+
+    from dfo_lora.tasks import get_task
+    from dfo_lora.tasks.spec import validate_spec
+
+    spec = dataclasses.replace(get_task("sst2"), mlm_template="{text_a} . It was {mask} {x}")
+    message = one_line(validate_spec, spec, "built-in task sst2")
+    assert message.startswith("built-in task sst2: field 'mlm_template': unknown placeholder {x}")
+
+
+def test_doubled_braces_are_literal_braces(tmp_path):
+    from dfo_lora.tasks import load_task_file, render
+
+    path = _task_file(tmp_path, "{{text_a}} {{ {text_a} }} . It was")
+    spec = load_task_file(path)  # {{text_a}} is literal text, not a second {text_a}
+    assert not spec.is_pair
+    assert render(spec.clm_template, "nice", None) == "{text_a} { nice } . It was"
+    assert render(spec.clm_template, "{text_b}", None) == "{text_a} { {text_b} } . It was"
+    pair = "{text_a} {{text_b}} ? {text_b}"
+    assert render(pair, "a", "b") == "a {text_b} ? b"
+
+
+def test_tune_with_a_bad_template_writes_nothing(tiny_llama_dir, tmp_path, capsys):
+    path = _task_file(tmp_path, "{text_a} . It was {txt}")
+    out = tmp_path / "run"
+    line = cli_error(
+        capsys, "tune", "--model", tiny_llama_dir, "--task", path, "--quiet", "--out", out
+    )
+    assert f"{path}: field 'templates.clm': unknown placeholder {{txt}}" in line
+    assert not out.exists()

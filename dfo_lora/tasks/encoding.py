@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dfo_lora.errors import UserError
-from dfo_lora.tasks.spec import PLACEHOLDER_RE, Example, TaskSpec
+from dfo_lora.tasks.spec import Example, TaskSpec, template_pieces
 
 # Context used to find how a word is tokenized when it follows other words ("It was great").
 _CONTEXT = "It was"
@@ -33,9 +33,10 @@ class EncodedExample:
 
 
 def render(template: str, text_a: str, text_b: str | None, mask: str = "") -> str:
-    """Fill a template's {text_a}, {text_b}, {mask} in one pass (texts are not re-scanned)."""
+    """Fill a template's {text_a}, {text_b}, {mask} in one pass (texts are not re-scanned);
+    `{{` and `}}` become `{` and `}` (`spec.template_pieces`)."""
     values = {"{text_a}": text_a, "{text_b}": text_b or "", "{mask}": mask}
-    return "".join(values.get(piece, piece) for piece in PLACEHOLDER_RE.split(template))
+    return "".join(values[p] if slot else p for slot, p in template_pieces(template))
 
 
 def _ids(tokenizer, text: str) -> list[int]:

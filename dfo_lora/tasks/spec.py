@@ -29,7 +29,51 @@ from pathlib import Path
 from dfo_lora.errors import UserError, did_you_mean
 
 METRICS = ("accuracy", "f1")
+PLACEHOLDERS = ("{text_a}", "{text_b}", "{mask}")
 PLACEHOLDER_RE = re.compile(r"(\{text_a\}|\{text_b\}|\{mask\})")
+# One template piece: an escaped brace, a {...} group, a lone brace, or plain text.
+_PIECE_RE = re.compile(r"\{\{|\}\}|\{[^{}]*\}|[{}]|[^{}]+")
+
+
+def template_pieces(template: str) -> list[tuple[bool, str]]:
+    """A template as (is_placeholder, text) pieces, in order, as str.format reads braces:
+    `{{` and `}}` are a literal `{` and `}`, `{text_a}`, `{text_b}`, `{mask}` are
+    placeholders. Anything else is kept as literal text here, so that rendering never
+    fails (the ICL baseline renders templates holding demonstration text);
+    `template_problem` is the check a task's own template must pass."""
+    pieces = []
+    for match in _PIECE_RE.finditer(template):
+        piece = match.group()
+        if piece in PLACEHOLDERS:
+            pieces.append((True, piece))
+        else:
+            pieces.append((False, {"{{": "{", "}}": "}"}.get(piece, piece)))
+    return pieces
+
+
+def placeholders(template: str) -> list[str]:
+    """The template's placeholders in order (`{{text_a}}` is literal text, not one)."""
+    return [piece for is_slot, piece in template_pieces(template) if is_slot]
+
+
+def template_problem(template: str) -> str | None:
+    """Why a task template is malformed (an unknown placeholder such as `{txt}`, an
+    unclosed `{` or a lone `}`), or None. A typo would otherwise go into every prompt
+    as literal text and the run would go on without a word."""
+    allowed = ", ".join(PLACEHOLDERS)
+    for match in _PIECE_RE.finditer(template):
+        piece = match.group()
+        if piece in PLACEHOLDERS or piece in ("{{", "}}") or piece[0] not in "{}":
+            continue
+        where = f"at character {match.start() + 1}"
+        if piece == "{":
+            problem = f"unclosed brace {where}"
+        elif piece == "}":
+            problem = f"'}}' without an opening brace {where}"
+        else:
+            problem = f"unknown placeholder {piece}"
+        return f"{problem}; use {allowed} (write {{{{ and }}}} for a literal brace)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -93,7 +137,8 @@ class TaskSpec:
     """A classification task: labels, how an input becomes a prompt, how labels become words.
 
     Templates use the placeholders {text_a}, {text_b} (pair tasks only) and {mask} (masked
-    LM only, exactly once). `clm_verbalizer`, when set, replaces `verbalizer` for causal LMs
+    LM only, exactly once); `{{` and `}}` write a literal brace, any other brace is refused
+    (`template_problem`). `clm_verbalizer`, when set, replaces `verbalizer` for causal LMs
     (used where a paper word is several tokens for common causal tokenizers). `source` is
     set for custom tasks loaded from YAML; built-in tasks read `<data_dir>/<data_subdir>`,
     or the Hugging Face dataset `hf` names (see `loaders.load_splits`).
@@ -117,7 +162,7 @@ class TaskSpec:
 
     @property
     def is_pair(self) -> bool:
-        return "{text_b}" in self.mlm_template or "{text_b}" in self.clm_template
+        return "{text_b}" in placeholders(self.mlm_template) + placeholders(self.clm_template)
 
     def words(self, causal: bool) -> tuple[str, ...]:
         """The verbalizer words used for a causal (True) or masked (False) LM."""
@@ -161,7 +206,10 @@ def validate_spec(
         (template_fields[1], spec.clm_template, False),
         (template_fields[0], spec.mlm_template, True),
     ):
-        pieces = PLACEHOLDER_RE.findall(template)
+        problem = template_problem(template)
+        if problem is not None:
+            raise UserError(f"{where}: field '{field}': {problem}")
+        pieces = placeholders(template)
         if pieces.count("{text_a}") != 1:
             raise UserError(f"{where}: field '{field}' must contain {{text_a}} exactly once")
         if pieces.count("{text_b}") > 1:
@@ -173,8 +221,8 @@ def validate_spec(
                 f"{where}: field '{field}' must not contain {{mask}}: the causal LM predicts "
                 "the label word after the last token"
             )
-    pair_m = "{text_b}" in spec.mlm_template
-    pair_c = "{text_b}" in spec.clm_template
+    pair_m = "{text_b}" in placeholders(spec.mlm_template)
+    pair_c = "{text_b}" in placeholders(spec.clm_template)
     if pair_m != pair_c:
         raise UserError(f"{where}: {{text_b}} must appear in both templates or in neither")
     if spec.hf is not None:
