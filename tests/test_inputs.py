@@ -205,3 +205,54 @@ def test_tune_with_a_bad_template_writes_nothing(tiny_llama_dir, tmp_path, capsy
     )
     assert f"{path}: field 'templates.clm': unknown placeholder {{txt}}" in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- data folder
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every socket connect is recorded and refused: the hub must not be reached."""
+    import socket
+
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
+def test_tune_elsewhere_names_the_folders_tried(
+    tiny_llama_dir, tmp_path, monkeypatch, capsys, no_network
+):
+    monkeypatch.delenv("DFO_LORA_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no shared/data here nor one level up
+    out = tmp_path / "run"
+    line = cli_error(capsys, "tune", "--model", tiny_llama_dir, "--quiet", "--out", out)
+    assert f"looked for ./shared/data and ../shared/data in {tmp_path}" in line
+    assert "--data-dir DIR, or --data-dir hf" in line and line.startswith("error: task sst2: ")
+    assert no_network == [] and not out.exists()
+
+    (tmp_path / "shared" / "data").mkdir(parents=True)  # found, but it holds no trec/
+    line = cli_error(
+        capsys, "tune", "--model", tiny_llama_dir, "--task", "trec", "--quiet", "--out", out
+    )
+    assert "shared/data/trec/train.jsonl: no such file (task trec" in line
+    assert f"the first of ./shared/data, ../shared/data in {tmp_path}" in line
+    assert "--data-dir DIR, or --data-dir hf" in line
+    assert no_network == [] and not out.exists()
+
+
+def test_default_data_folder_error_without_a_task(tmp_path, monkeypatch):
+    monkeypatch.delenv("DFO_LORA_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    message = one_line(default_data_dir)
+    assert f"in {tmp_path} ($DFO_LORA_DATA is not set)" in message and "--data-dir hf" in message
+    monkeypatch.setenv("DFO_LORA_DATA", str(tmp_path / "nowhere"))
+    message = one_line(default_data_dir)
+    assert f"$DFO_LORA_DATA={tmp_path / 'nowhere'}: no such directory" in message
+    assert "--data-dir DIR" in message

@@ -205,12 +205,13 @@ def test_hub_offline_fails_fast_naming_the_dataset(offline):
     assert offline == []  # no connection was attempted
 
 
-def test_missing_local_folder_falls_back_to_the_hub(offline, tmp_path, monkeypatch):
+def test_missing_local_folder_never_reaches_the_hub(offline, tmp_path, monkeypatch):
     monkeypatch.setenv("DFO_LORA_DATA", str(tmp_path))  # exists, but has no agnews/
     message = _one_line_error(load_splits, get_task("agnews"))
-    assert f"{tmp_path / 'agnews'} does not exist, so tried the hub" in message
-    assert "fancyzhx/ag_news" in message
-    # an explicit data_dir is never replaced by the hub
+    assert f"{tmp_path / 'agnews' / 'train.jsonl'}: no such file" in message
+    assert f"$DFO_LORA_DATA={tmp_path}" in message and "--data-dir hf" in message
+    assert "hub:" not in message and "ag_news" not in message  # the hub was not tried
+    # an explicit data_dir is never replaced by the hub either
     message = _one_line_error(load_splits, get_task("agnews"), tmp_path)
     assert "no such file" in message and "--data-dir hf" in message
     assert offline == []

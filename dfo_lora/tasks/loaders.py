@@ -11,10 +11,16 @@ Built-in tasks have three sources, chosen by `data_dir` (`--data-dir`):
    task's hub columns, splits and label mapping (`TaskSpec.hf`). A single saved Dataset is
    the pool only: test = pool minus the sampled train and dev.
 3. The Hugging Face hub: `data_dir="hf"` (`--data-dir hf`) calls
-   `datasets.load_dataset(<TaskSpec.hf.path>, <TaskSpec.hf.name>)`. With no `data_dir`
-   given, a task whose local folder is missing falls back to the hub when `datasets` is
-   installed. Offline, `HF_DATASETS_OFFLINE=1` makes this read the local `datasets` cache
-   only. Failing to load gives a one-line `UserError` naming the dataset and the cause.
+   `datasets.load_dataset(<TaskSpec.hf.path>, <TaskSpec.hf.name>)`. Offline,
+   `HF_DATASETS_OFFLINE=1` makes this read the local `datasets` cache only. Failing to
+   load gives a one-line `UserError` naming the dataset and the cause.
+
+With no `data_dir` given, the folder is `$DFO_LORA_DATA`, else the first of ./shared/data
+and ../shared/data (relative to the current directory) that exists (`default_data_dir`).
+The hub is reached only when `--data-dir hf` asks for it: a silent fallback made a run
+started in another folder retry the network for ~25 s before failing, and would read
+other data than the local copy. When no data is found, the one-line error names the
+folders tried and says that `--data-dir DIR` or `--data-dir hf` chooses.
 
 Rows from (2) and (3) pass the same checks as file rows; errors name the dataset, the
 split and the row index (0-based). `datasets` is optional (`pip install datasets`).
@@ -50,21 +56,35 @@ class Splits:
     test_from_pool: bool = False
 
 
+DEFAULT_DATA_DIRS = (Path("shared/data"), Path("../shared/data"))  # from the current dir
+CHOOSE = "choose the data with --data-dir DIR, or --data-dir hf for the Hugging Face hub"
+
+
 def default_data_dir() -> Path:
-    """`$DFO_LORA_DATA`, else the first existing of ./shared/data, ../shared/data."""
+    """`$DFO_LORA_DATA`, else the first existing of ./shared/data, ../shared/data.
+
+    Never the hub (see the module docstring); the error names the folders tried.
+    """
     env = os.environ.get("DFO_LORA_DATA")
     if env:
         path = Path(env)
         if not path.is_dir():
-            raise UserError(f"$DFO_LORA_DATA={env}: no such directory")
+            raise UserError(f"$DFO_LORA_DATA={env}: no such directory; {CHOOSE}")
         return path
-    for candidate in (Path("shared/data"), Path("../shared/data")):
+    for candidate in DEFAULT_DATA_DIRS:
         if candidate.is_dir():
             return candidate
     raise UserError(
-        "no data directory found (looked for ./shared/data and ../shared/data): "
-        "pass --data-dir or set $DFO_LORA_DATA"
+        f"no data folder found: looked for ./shared/data and ../shared/data in {Path.cwd()} "
+        f"($DFO_LORA_DATA is not set); {CHOOSE}"
     )
+
+
+def _default_dir_origin(root: Path) -> str:
+    """How `default_data_dir` chose `root`, for messages: the folders it tried."""
+    if os.environ.get("DFO_LORA_DATA"):
+        return f"$DFO_LORA_DATA={root}"
+    return f"{root}, the first of ./shared/data, ../shared/data in {Path.cwd()}"
 
 
 def _parse_label(value: object, spec: TaskSpec, where: str) -> int:
@@ -187,9 +207,9 @@ def load_splits(spec: TaskSpec, data_dir: str | os.PathLike | None = None) -> Sp
 
     `data_dir` is "hf" (the Hugging Face hub; a folder named hf is "./hf"), a folder
     written by `datasets`' `save_to_disk`, a folder with `<data_subdir>/{train,test}.jsonl`,
-    or None for `default_data_dir()` (with the hub as fallback when the task's folder is
-    missing and `datasets` is installed). The `mr` task uses `<data_dir>/mr` when it exists,
-    else the download cache (`ensure_mr`). Custom tasks read the files named in their YAML.
+    or None for `default_data_dir()` (never the hub). The `mr` task uses `<data_dir>/mr`
+    when it exists, else the download cache (`ensure_mr`). Custom tasks read the files
+    named in their YAML.
     """
     if spec.source is not None:
         return _load_custom(spec, spec.source)
@@ -210,16 +230,11 @@ def load_splits(spec: TaskSpec, data_dir: str | os.PathLike | None = None) -> Sp
             try:
                 root = default_data_dir()
             except UserError as e:
-                if os.environ.get("DFO_LORA_DATA") or not _hub_fallback(spec):
-                    raise UserError(f"{e}{_hub_hint(spec)}") from None
-                return _load_hub(spec, why="no local data directory was found")
-        folder = root / spec.data_subdir
-        if data_dir is None:
-            if not folder.is_dir() and _hub_fallback(spec):
-                return _load_hub(spec, why=f"{folder} does not exist")
+                raise UserError(f"task {spec.name}: {e}{_datasets_hint(spec)}") from None
             saved = _saved_dataset(root, spec)
             if saved is not None:
                 return _load_saved(spec, saved)
+        folder = root / spec.data_subdir
     if spec.is_pair:
         columns = ("text_a", "text_b", "label")
     else:
@@ -227,6 +242,11 @@ def load_splits(spec: TaskSpec, data_dir: str | os.PathLike | None = None) -> Sp
     train_path = folder / "train.jsonl"
     test_path = folder / "test.jsonl"
     if not train_path.is_file():
+        if data_dir is None:
+            raise UserError(
+                f"{train_path}: no such file (task {spec.name}; no --data-dir given, so the "
+                f"data folder is {_default_dir_origin(root)}); {CHOOSE}{_datasets_hint(spec)}"
+            )
         raise UserError(
             f"{train_path}: no such file (task {spec.name}; check --data-dir{_hub_hint(spec)})"
         )
@@ -264,9 +284,13 @@ def _require_datasets(what: str):
     return datasets
 
 
-def _hub_fallback(spec: TaskSpec) -> bool:
-    """Whether a task with no local data may be loaded from the hub instead."""
-    return spec.hf is not None and _datasets_module() is not None
+def _datasets_hint(spec: TaskSpec) -> str:
+    """What `--data-dir hf` would need here, after `CHOOSE`."""
+    if spec.hf is None:
+        return f" (task {spec.name} has no Hugging Face dataset)"
+    if _datasets_module() is None:
+        return " (which needs `pip install datasets`)"
+    return ""
 
 
 def _hub_hint(spec: TaskSpec) -> str:
@@ -339,7 +363,7 @@ def _hf_examples(spec: TaskSpec, src: HFSource, dataset, where: str) -> list[Exa
     return examples
 
 
-def _splits_from(spec: TaskSpec, src: HFSource, data, where: str, note: str) -> Splits:
+def _splits_from(spec: TaskSpec, src: HFSource, data, where: str) -> Splits:
     """Splits from a DatasetDict (pool = `src.train`, test = `src.test`) or a Dataset."""
     if not isinstance(data, dict):  # a single Dataset (DatasetDict is a dict): the pool
         pool = _clean(spec, _hf_examples(spec, src, data, where))
@@ -354,12 +378,12 @@ def _splits_from(spec: TaskSpec, src: HFSource, data, where: str, note: str) -> 
             raise UserError(f"{where}: no split {split!r} (splits: {', '.join(names)})")
     pool = _clean(spec, _hf_examples(spec, src, data[src.train], f"{where} split {src.train!r}"))
     test = _clean(spec, _hf_examples(spec, src, data[src.test], f"{where} split {src.test!r}"))
-    message = f"{spec.name}: test = {where} split {src.test!r} ({len(test)} examples)"
-    return Splits(pool=pool, test=test, test_note=message + (f"; {note}" if note else ""))
+    note = f"{spec.name}: test = {where} split {src.test!r} ({len(test)} examples)"
+    return Splits(pool=pool, test=test, test_note=note)
 
 
-def _load_hub(spec: TaskSpec, why: str | None = None) -> Splits:
-    """The task's Hugging Face dataset via `datasets.load_dataset`; `why` says why (fallback)."""
+def _load_hub(spec: TaskSpec) -> Splits:
+    """The task's Hugging Face dataset via `datasets.load_dataset` (`--data-dir hf` only)."""
     if spec.hf is None:
         raise UserError(f"task {spec.name} has no Hugging Face dataset; --data-dir hf needs one")
     src = spec.hf
@@ -368,10 +392,8 @@ def _load_hub(spec: TaskSpec, why: str | None = None) -> Splits:
     try:
         data = datasets.load_dataset(src.path, src.name)
     except Exception as e:  # network, missing repo, gated, offline cache miss, ...
-        prefix = f"{why}, so tried the hub: " if why else ""
-        raise UserError(f"{spec.name}: {prefix}could not load {where}: {_first_line(e)}") from None
-    note = f"loaded from the hub because {why}" if why else ""
-    return _splits_from(spec, src, data, where, note)
+        raise UserError(f"{spec.name}: could not load {where}: {_first_line(e)}") from None
+    return _splits_from(spec, src, data, where)
 
 
 def _load_saved(spec: TaskSpec, folder: Path) -> Splits:
@@ -381,7 +403,7 @@ def _load_saved(spec: TaskSpec, folder: Path) -> Splits:
         data = datasets.load_from_disk(str(folder))
     except Exception as e:
         raise UserError(f"{folder}: could not load the saved dataset: {_first_line(e)}") from None
-    return _splits_from(spec, _columns(spec), data, str(folder), "")
+    return _splits_from(spec, _columns(spec), data, str(folder))
 
 
 def _load_custom(spec: TaskSpec, src: FileSource) -> Splits:
