@@ -256,3 +256,48 @@ def test_default_data_folder_error_without_a_task(tmp_path, monkeypatch):
     message = one_line(default_data_dir)
     assert f"$DFO_LORA_DATA={tmp_path / 'nowhere'}: no such directory" in message
     assert "--data-dir DIR" in message
+
+
+# ---------------------------------------------------------------- max_length
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.mark.parametrize("task", ["sst2", "mrpc"])
+def test_max_length_must_leave_room_for_the_text(smol_tokenizer, task):
+    from dfo_lora.tasks import Example, encode, get_task, render
+
+    spec = get_task(task)
+    pair = spec.is_pair
+    template = len(smol_tokenizer(render(spec.clm_template, "", "").rstrip())["input_ids"])
+    minimum = template + (2 if pair else 1)
+    examples = [
+        Example(f"{word} film , truly {word}", f"second {word} text" if pair else None, 0)
+        for word in ("great", "awful", "odd")
+    ]
+    message = one_line(encode, spec, examples, smol_tokenizer, True, minimum - 1)
+    assert f"max_length={minimum - 1} leaves no room for the text" in message
+    assert f"template takes {template} tokens" in message
+    assert f"the minimum that works is {minimum}" in message
+    encoded = encode(spec, examples, smol_tokenizer, True, minimum)  # the minimum works:
+    assert all(len(e.input_ids) <= minimum for e in encoded)
+    assert len({tuple(e.input_ids) for e in encoded}) == len(examples)  # prompts differ
+    if pair:  # one token of each text survives
+        text = smol_tokenizer.decode(encoded[0].input_ids)
+        assert text.startswith("great") and "Question: second" in text
+
+
+def test_tune_with_max_length_3_writes_nothing(tiny_llama_dir, tmp_path, capsys, data_dir):
+    out = tmp_path / "run"
+    line = cli_error(
+        capsys,
+        *("tune", "--model", tiny_llama_dir, "--data-dir", data_dir, "--max-length", "3"),
+        *("--quiet", "--out", out),
+    )
+    assert "max_length=3 leaves no room for the text: task sst2's causal-LM template" in line
+    assert "the minimum that works is" in line and not out.exists()

@@ -310,6 +310,18 @@ def test_template_longer_than_max_length_is_a_user_error(smol_tok):
     assert "max_length=5" in message
 
 
+def test_max_length_without_room_for_the_text_is_refused(roberta_tok):
+    """A masked-LM template counts its special tokens and its mask token too."""
+    spec = get_task("trec")
+    examples = [Example("Who wrote it ?", None, 0), Example("How far is it ?", None, 0)]
+    template = len(roberta_tok(render(spec.mlm_template, "", None, "<mask>"))["input_ids"])
+    message = user_error(encode, spec, examples, roberta_tok, causal=False, max_length=template)
+    assert f"max_length={template} leaves no room" in message and "masked-LM" in message
+    assert f"the minimum that works is {template + 1}" in message
+    encoded = encode(spec, examples, roberta_tok, causal=False, max_length=template + 1)
+    assert encoded[0].input_ids != encoded[1].input_ids
+
+
 def test_masked_template_needs_a_mask_token(smol_tok):
     assert "no mask token" in user_error(
         encode, get_task("sst2"), [Example("x", None, 0)], smol_tok, causal=False

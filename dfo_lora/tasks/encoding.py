@@ -8,7 +8,13 @@ tokens, except that the tokenizer's BOS is prepended when the tokenizer itself a
 at the verbalizer ids.
 
 Over-long inputs are cut in the example text only (text_a, and text_b for pairs, longest
-first, from the end), never in the template, so the slot always survives.
+first, from the end), never in the template, so the slot always survives. A max_length
+that leaves no token of text after the template's own tokens is refused before anything
+is encoded (every prompt would be the bare template, and a run would go on with identical
+inputs and learn nothing); the minimum is the template's length plus one token per text.
+A partial cut (some examples cut) gets no note: cutting long texts is what max_length is
+for (the option's help says so), each cut prompt keeps its text's beginning, its
+template and its slot, and the default of 256 cuts only a few long reviews.
 """
 
 from __future__ import annotations
@@ -122,7 +128,10 @@ def encode(
     causal: bool,
     max_length: int = 256,
 ) -> list[EncodedExample]:
-    """Encode examples with the spec's masked-LM or causal-LM template (see module doc)."""
+    """Encode examples with the spec's masked-LM or causal-LM template (see module doc).
+
+    UserError when `max_length` leaves no room for the text after the template's tokens.
+    """
     if max_length <= 0:
         raise UserError(f"max_length must be positive, got {max_length}")
     template = spec.clm_template if causal else spec.mlm_template
@@ -157,6 +166,18 @@ def encode(
             return [bos_prefix + list(ids) for ids in batch]
         return [list(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
 
+    # The template's own tokens (BOS / special tokens included), from a prompt with empty
+    # texts; every text needs at least one token beside them for the prompts to differ.
+    empty = "" if spec.is_pair else None
+    template_tokens = len(ids_of([prompt("", empty)])[0])
+    minimum = template_tokens + (2 if spec.is_pair else 1)
+    if max_length < minimum:
+        kind = "causal-LM" if causal else "masked-LM"
+        raise UserError(
+            f"max_length={max_length} leaves no room for the text: task {spec.name}'s {kind} "
+            f"template takes {template_tokens} tokens with this tokenizer, so the minimum that "
+            f"works is {minimum} (one token of {'each text' if spec.is_pair else 'text'})"
+        )
     texts = [(clean(e.text_a), clean(e.text_b) if spec.is_pair else None) for e in examples]
     all_ids = ids_of([prompt(a, b) for a, b in texts]) if texts else []
     out = []
