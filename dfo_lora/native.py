@@ -70,7 +70,13 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise UserError(f"load_tuned: {path} does not exist (not a `dfo-lora export` folder)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise UserError(f"load_tuned: {path} is not a readable JSON manifest ({reason})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"load_tuned: {path} is not a JSON object (not a dfo-lora manifest)")
     if manifest.get("format") != "native":
         raise UserError(
             f"load_tuned: {folder} is a {manifest.get('format')} export, not native (load it "
@@ -83,7 +89,26 @@ def read_manifest(folder: Path) -> dict:
         )
     if not (folder / WEIGHTS).is_file():
         raise UserError(f"load_tuned: {folder / WEIGHTS} does not exist (a partial copy?)")
+    missing = [k for k in ("model", "space", "space_config") if k not in manifest]
+    if missing or not isinstance(manifest["space_config"], dict):
+        what = (
+            f"has no {', '.join(missing)}" if missing else "has a space_config that is no mapping"
+        )
+        raise UserError(f"load_tuned: {path} {what} (edited? re-export the run)")
     return manifest
+
+
+def read_weights(folder: Path, space: str, config) -> dict[str, np.ndarray]:
+    """weights.safetensors read back whole (it parses, every tensor is finite) and of the
+    manifest's space (names, rank / heads / size), each failure one line naming the file
+    and the tensor: the checks every run file gets (`checkpoint.read_safetensors`)."""
+    from dfo_lora.export import check_state_tensors
+    from dfo_lora.search.checkpoint import read_safetensors
+
+    path = folder / WEIGHTS
+    tensors, _ = read_safetensors(path, hint="; re-export the run (dfo-lora export RUN)")
+    check_state_tensors(path, tensors, space, config, str(folder / MANIFEST))
+    return tensors
 
 
 def space_config_of(name: str, values: dict):
@@ -92,7 +117,10 @@ def space_config_of(name: str, values: dict):
 
     check_space_name(name)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    config = SPACES[name][0](**values)
+    try:
+        config = SPACES[name][0](**values)
+    except TypeError as exc:  # a field this version's space does not have
+        raise UserError(f"the {name} space_config: {exc}") from None
     config.validate()
     return config
 
@@ -146,14 +174,15 @@ def load_tuned(
     returned model holds the space's wrappers, so save it as a native export, not with
     `save_pretrained`.
     """
-    from safetensors.numpy import load_file
-
     from dfo_lora.backbone import load_backbone
 
     folder = Path(path)
     manifest = read_manifest(folder)
-    config = space_config_of(manifest["space"], manifest["space_config"])
-    tensors = load_file(str(folder / WEIGHTS))
+    try:
+        config = space_config_of(manifest["space"], manifest["space_config"])
+    except UserError as exc:  # an edited manifest: name it
+        raise UserError(f"load_tuned: {folder / MANIFEST}: {exc}") from None
+    tensors = read_weights(folder, manifest["space"], config)
     backbone = load_backbone(
         model or manifest["model"], dtype, device, bool(manifest.get("trust_remote_code"))
     )

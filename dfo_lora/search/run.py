@@ -27,17 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from safetensors.numpy import load_file
 
-from dfo_lora.config import TuneConfig, load_config
+from dfo_lora.config import TuneConfig, load_config, read_yaml_mapping
 from dfo_lora.errors import UserError
-from dfo_lora.export import factor_tensors
+from dfo_lora.export import check_state_tensors, factor_tensors
 from dfo_lora.search import outdir
 from dfo_lora.search.callbacks import JsonlLog, ProgressBar, tensorboard_if_available
 from dfo_lora.search.checkpoint import (
     atomic_write_bytes,
     atomic_write_safetensors,
     load_state,
+    read_safetensors,
     save_state,
 )
 from dfo_lora.search.loop import LayerwiseSearch
@@ -160,7 +160,7 @@ def tune(
 def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, optimizers):
     """`tune` in a folder this process holds: every check first (the server's, and the
     search's layers and budget against the model), then the first write."""
-    state = load_state(out / CHECKPOINT) if resume else None
+    state = load_state(out / CHECKPOINT, config) if resume else None  # that run's, whole
     if server is None:
         from dfo_lora.server.factory import build_server
 
@@ -241,7 +241,7 @@ def save_tuned(
 def load_tuned_state(run_dir: Path, state: str = "best"):
     """The fp32 weights of a run's best or final state ("<layer>.<group>.<name>", the
     space's `export_tensors`; LoRA: the factors A, B) and its config, for `export`."""
-    tensors, config = _read_tuned(run_dir)
+    tensors, config = _read_tuned(run_dir, "export")
     if not any(key.startswith(("best.", "final.")) for key in tensors):
         if np.any(tensors["z"]):
             raise UserError(
@@ -253,21 +253,93 @@ def load_tuned_state(run_dir: Path, state: str = "best"):
 
 
 def load_tuned(run_dir: Path) -> tuple[np.ndarray, TuneConfig]:
+    """The best-dev z (layers, intrinsic_dim) of a finished run and its config.yaml."""
     tensors, config = _read_tuned(run_dir)
     return tensors["z"], config
 
 
-def _read_tuned(run_dir: Path) -> tuple[dict[str, np.ndarray], TuneConfig]:
-    """Every array of tuned.safetensors and the run's config from its metadata."""
+# What a damaged tuned.safetensors leaves: the checkpoint still holds the best-dev state.
+TUNED_HINT = "; rewrite it from the run's checkpoint with dfo-lora tune --resume {run}"
+
+
+def _read_tuned(run_dir: Path, command: str = "eval") -> tuple[dict[str, np.ndarray], TuneConfig]:
+    """Every array of tuned.safetensors and the run's config.yaml, read back whole: the
+    file parses, every tensor is finite (`checkpoint.read_safetensors`), its metadata
+    (config, space) agrees with config.yaml, z is (layers, intrinsic_dim) and the best and
+    final weights have the space's shapes (`export.check_state_tensors`). Each failure is
+    one line naming the file and the tensor or field."""
+    run_dir = Path(run_dir)
     path = run_dir / "tuned.safetensors"
     if not path.is_file():
-        raise UserError(f"eval: {path} does not exist (is {run_dir} a finished run?)")
-    from safetensors import safe_open
+        raise UserError(f"{command}: {path} does not exist (is {run_dir} a finished run?)")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{command}: {saved} does not exist (is {run_dir} a finished run?)")
+    config = load_config(saved)
+    hint = TUNED_HINT.format(run=run_dir)
+    tensors, meta = read_safetensors(path, hint=hint)
+    _check_tuned_metadata(path, meta, saved)
+    space = _space_metadata(path, meta, config)
+    layers = len(space["sigma_hat"]) if isinstance(space.get("sigma_hat"), list) else None
+    z = tensors.get("z")
+    if z is None:
+        raise UserError(f"{path}: no tensor 'z'{hint}")
+    if z.ndim != 2 or z.shape[1] != config.intrinsic_dim or layers not in (None, z.shape[0]):
+        rows = "layers" if layers is None else layers
+        raise UserError(
+            f"{path}: tensor 'z' has shape {tuple(z.shape)}, expected ({rows}, "
+            f"{config.intrinsic_dim}) (intrinsic_dim in {saved}){hint}"
+        )
+    factors = {k: v for k, v in tensors.items() if k != "z"}
+    check_state_tensors(
+        path, factors, config.space, config.space_config(), str(saved), True, z.shape[0]
+    )
+    if factors:  # the best weights are z's: one entry per layer that z changes
+        best = sorted({int(k.split(".")[1]) for k in factors if k.startswith("best.")})
+        changed = [int(i) for i in np.flatnonzero(np.any(z != 0, axis=1))]
+        if best != changed:
+            raise UserError(
+                f"{path}: z changes layers {changed} but the best weights are for layers "
+                f"{best}; the file was edited{hint}"
+            )
+    return tensors, config
 
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-    values = yaml.safe_load(meta.get("config", "")) or {}
-    config = TuneConfig()
-    for key, value in values.items():
-        setattr(config, key, value)
-    return load_file(str(path)), config.validate()
+
+def _check_tuned_metadata(path: Path, meta: dict, saved: Path) -> None:
+    """tuned.safetensors' copy of the config equals config.yaml (both are written by the
+    same tune): a difference means one was edited or they are two runs' files."""
+    try:
+        values = yaml.safe_load(meta["config"])
+    except KeyError:
+        raise UserError(f"{path}: no 'config' metadata (not a tuned.safetensors)") from None
+    except yaml.YAMLError:
+        raise UserError(f"{path}: its 'config' metadata is not YAML") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: its 'config' metadata is not a mapping")
+    want = read_yaml_mapping(saved)  # as written, so fields added since compare equal
+    diff = [k for k in {**want, **values} if values.get(k) != want.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} ({values.get(k)!r} vs {want.get(k)!r})" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise UserError(
+            f"{path}: its config metadata differs from {saved} in {shown}{more}; "
+            "one was edited or they are two runs' files"
+        )
+
+
+def _space_metadata(path: Path, meta: dict, config: TuneConfig) -> dict:
+    """The space's saved state (name, seed, sigma_hat); {} in files from before it."""
+    if "space" not in meta:
+        return {}
+    try:
+        space = json.loads(meta["space"])
+    except ValueError:
+        raise UserError(f"{path}: its 'space' metadata is not JSON") from None
+    if not isinstance(space, dict):
+        raise UserError(f"{path}: its 'space' metadata is not a mapping")
+    for key, want in (("space", config.space), ("seed", config.seed)):
+        if key in space and space[key] != want:
+            raise UserError(
+                f"{path}: its space metadata has {key} {space[key]!r}, config.yaml {want!r}"
+            )
+    return space
