@@ -19,6 +19,10 @@ Example (paths are relative to the YAML file)::
       label: stars                               # ints 0..n-1 or label names
       format: csv                                # optional: from the extension
       quoting: minimal                           # optional: minimal (CSV) / none (TSV default)
+
+Templates hold the placeholders {text_a}, {text_b} (pair tasks) and {mask} (the masked-LM
+template, once); `{{` and `}}` write a literal brace, as in str.format. Any other brace
+(`{txt}`, an unclosed `{`) is refused in one line naming the file and the field.
 """
 
 from __future__ import annotations
