@@ -163,6 +163,20 @@ def build_parser() -> ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "dev", "test"])
     ev.add_argument("--zero-shot", action="store_true", help="score the unmodified model instead")
     ev.add_argument("--data-dir", default=None, help="override the run's data folder")
+    ev.add_argument(
+        "--test-limit",
+        default=None,
+        metavar="N|none",
+        help="score a fixed subset of N test examples, or none: the whole split (default: "
+        "the run's own test_limit, so the number is results.json's)",
+    )
+    ev.add_argument(
+        "--model", default=None, help="the run's base model from elsewhere (it has moved)"
+    )
+    ev.add_argument(
+        "--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)"
+    )
+    ev.add_argument("--dtype", default=None, help="auto | bf16 | fp16 | fp32 (default: the run's)")
 
     export = sub.add_parser(
         "export",
@@ -300,19 +314,42 @@ def summary(results: dict, out: Path) -> str:
     return "\n".join(lines) + f"\nresults in {out}/results.json"
 
 
+EVAL_OVERRIDES = ("data_dir", "test_limit", "model", "device", "dtype")
+
+
 def cmd_eval(args) -> int:
+    """Score a run's tuned state (read back whole: `search.run.load_tuned`), with the
+    run's settings except where the data, the base model, the device, the dtype or the
+    test subset has been given again; these are coerced and validated as tune's are."""
+    from dfo_lora.config import coerce
     from dfo_lora.search.run import load_tuned
-    from dfo_lora.server.factory import build_server
 
     run_dir = Path(args.run)
+    given = {
+        name: getattr(args, name) for name in EVAL_OVERRIDES if getattr(args, name) is not None
+    }
+    if "test_limit" in given and args.split != "test":
+        raise UserError(f"eval: --test-limit limits the test split, not --split {args.split}")
+    values = {name: coerce(name, value) for name, value in given.items()}  # before loading
     z, config = load_tuned(run_dir)
-    if args.data_dir:
-        config.data_dir = args.data_dir
+    for name, value in values.items():
+        setattr(config, name, value)
+    config.validate()
+    if "device" in values:  # an unknown or absent device fails before the data loads
+        from dfo_lora.backbone.loading import resolve_device
+
+        resolve_device(config.device)
+    from dfo_lora.server.factory import build_server
+
     server = build_server(config.server_spec())
     if not args.zero_shot:
         server.set_state(z)
     metrics = server.evaluate(args.split)
-    print(json.dumps({"split": args.split, "zero_shot": args.zero_shot, **metrics}, sort_keys=True))
+    row = {"split": args.split, "zero_shot": args.zero_shot, **metrics}
+    row["examples"] = int(server.split_sizes[args.split])
+    if args.split == "test":
+        row["test_limit"] = config.test_limit
+    print(json.dumps(row, sort_keys=True))
     return 0
 
 
