@@ -9,6 +9,7 @@ names the field; an unknown key gets a did-you-mean.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -56,10 +57,13 @@ class TuneConfig:
     data_dir: str | None = opt(
         None,
         "folder with <task>/{train,test}.jsonl, a datasets save_to_disk folder, or hf (the hub)",
+        shown="$DFO_LORA_DATA, else ./shared/data or ../shared/data",
     )
     k: int = opt(16, "examples per class in train, and again in dev")
     seed: int = opt(42, "few-shot sample, projections and optimizers")
-    test_limit: int | None = opt(None, "score only a fixed subset of test (quick runs)")
+    test_limit: int | None = opt(
+        None, "score only the first N test examples (quick runs)", shown="the whole split"
+    )
     max_length: int = opt(256, "tokens per example; the text is cut, never the template")
     dtype: str = opt("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 where native, else fp32)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -145,12 +149,17 @@ class TuneConfig:
         "it (1 more evaluation per visit)",
     )
     eval_every: int = opt(100, "evaluations between dev evaluations")
-    checkpoint_every_s: float = opt(60.0, "also checkpoint after every layer visit")
+    checkpoint_every_s: float = opt(
+        60.0,
+        "seconds between checkpoints within a long layer visit (one is also written after "
+        "every visit); inf: only after visits",
+    )
     # ---- performance
     max_tokens: int | None = opt(
         None,
         "padded tokens per stacked chunk of candidates (bounds memory); auto: 16384 on a "
         "CPU, on CUDA what a quarter of the free device memory holds",
+        shown="auto",
     )
     max_buckets: int = opt(8, "length buckets per split")
     prefix_cache: bool = opt(True, "reuse layer inputs below the searched layer")
@@ -178,8 +187,8 @@ class TuneConfig:
             raise UserError(
                 f"fit_on: train+dev fits the dev split, so select must be final (got {self.select!r})"
             )
-        if not self.z_penalty >= 0:
-            raise UserError(f"z_penalty: must be >= 0, got {self.z_penalty}")
+        if not (self.z_penalty >= 0 and math.isfinite(self.z_penalty)):
+            raise UserError(f"z_penalty: must be a finite number >= 0, got {self.z_penalty}")
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         _check_choice("backend", self.backend, BACKENDS)
@@ -201,9 +210,12 @@ class TuneConfig:
             raise UserError(f"max_tokens: must be a positive integer, got {self.max_tokens}")
         if self.popsize < 2:
             raise UserError(f"popsize: must be at least 2, got {self.popsize}")
-        for name in ("alpha", "sigma", "checkpoint_every_s", "cpus_per_server"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("alpha", "sigma", "cpus_per_server"):  # inf would scale every delta to inf
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UserError(f"{name}: must be a finite positive number, got {value}")
+        if not self.checkpoint_every_s > 0:  # inf is meaningful: only after each visit
+            raise UserError(f"checkpoint_every_s: must be positive, got {self.checkpoint_every_s}")
         gpus = float(self.gpus_per_server)
         if not (0 <= gpus <= 1 or gpus.is_integer() and gpus > 0):  # as Ray's num_gpus
             raise UserError(

@@ -93,7 +93,9 @@ def test_bad_config_values(tmp_path, base_args):
         ("--budget", "50"): "budget: 50 is smaller than one round",
         ("--targets", "q,zz"): "targets: 'zz' is not a projection of llama",
         ("--task", "sst3"): "sst3",
-        ("--sigma", "0"): "sigma: must be positive",
+        ("--sigma", "0"): "sigma: must be a finite positive number",
+        ("--alpha", "inf"): "alpha: must be a finite positive number, got inf",
+        ("--z-penalty", "nan"): "z_penalty: must be a finite number >= 0, got nan",
         ("--fwa-variant", "dynfw"): "did you mean 'dynfwa'",
         ("--layers", "top:x"): "layers: 'top:x' is not all, top:N, bottom:N",
         ("--layers", "0,99"): "layers: layer 99 does not exist",
@@ -219,3 +221,19 @@ def test_summary_says_which_state_was_tested(tmp_path):
     assert "(best dev after 600 of 1200 evaluations" in summary(results, tmp_path)
     final = summary({**results, "select": "final"}, tmp_path)
     assert "(the last state, after 1200 evaluations, 3 s)" in final
+
+
+def test_out_under_a_file_is_one_line(tmp_path, base_args):
+    """A file-system fault (here a file where a folder is needed) is one line naming the
+    path, exit 2, no traceback, for a tune and for the plot it would feed."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    line = one_line_error(run_cli(*base_args, "--budget", "18", "--out", blocker / "run"))
+    assert str(blocker / "run") in line or str(blocker) in line, line
+    assert blocker.read_text() == "mine"
+
+
+def test_help_shows_the_real_defaults():
+    text = run_cli("tune", "--help").stdout
+    assert "(default: None)" not in text
+    assert "(default: the whole split)" in text and "(default: auto)" in text
