@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -136,6 +138,23 @@ formats by space:
 All in fp32; DIR must not exist."""
 
 
+SWEEP_HELP = """\
+A YAML file of runs: the product of the grid's lists, each with config's settings.
+
+  out: runs/my-sweep        # one folder per run under it, and sweep.jsonl
+  concurrency: 0            # runs at a time (0: as the cluster fits)
+  grid:                     # any tune option (method = optimizer, or a baseline name)
+    task: [sst2, trec]
+    seed: [42, 13]
+  config:                   # any tune option, for every run
+    budget: 1200
+    backend: local          # one run at a time in this process; default: ray
+
+Runs go to Ray server actors (a running cluster, RAY_ADDRESS, or a new local one)
+unless config says backend: local. A re-run skips finished runs and resumes
+checkpointed ones with the same config."""
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="dfo-lora",
@@ -196,14 +215,26 @@ def build_parser() -> ArgumentParser:
 
     add_baseline_parser(sub)
 
-    sweep = sub.add_parser("sweep", help="a grid of runs on Ray server actors (see --help)")
+    sweep = sub.add_parser(
+        "sweep",
+        help="a grid of runs on Ray server actors (see --help)",
+        description=SWEEP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="out, concurrency, grid, config")
     sweep.add_argument("--out", metavar="DIR", help="override the file's output folder")
     sweep.add_argument("--concurrency", type=int, help="runs at a time (0: as the cluster fits)")
 
-    plot = sub.add_parser("plot", help="train loss and dev metric against evaluations (PNG)")
+    plot = sub.add_parser(
+        "plot", help="train loss and dev metric against evaluations, one row per task"
+    )
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders (their log.jsonl)")
-    plot.add_argument("--out", metavar="FILE.png", default="plot.png", help="(default: plot.png)")
+    plot.add_argument(
+        "--out",
+        metavar="FILE",
+        default="plot.png",
+        help="png, pdf, svg or jpg, as the suffix says (default: plot.png)",
+    )
 
     tasks = sub.add_parser("tasks", help="list tasks with templates, verbalizers and data source")
     tasks.add_argument("--json", action="store_true", help="one JSON object per task")
@@ -274,16 +305,39 @@ def cmd_tune(args) -> int:
                 values.update(read_yaml_mapping(Path(args.config)))
             values.update(overrides)
             config = load_config(None, values)
-        results = tune(config, run_dir, resume=True, progress=not args.quiet)
         out = run_dir
+        with resume_hint(out):
+            results = tune(config, run_dir, resume=True, progress=not args.quiet)
     else:
         config = load_config(args.config, overrides)
         out = (
             Path(args.out) if args.out else Path("runs") / f"{Path(config.task).stem}-{config.seed}"
         )
-        results = tune(config, out, overwrite=args.overwrite, progress=not args.quiet)
+        with resume_hint(out):
+            results = tune(config, out, overwrite=args.overwrite, progress=not args.quiet)
     print(summary(results, out))
     return 0
+
+
+class resume_hint:
+    """On an interrupt (Ctrl-C, SIGTERM), say how to continue the run in `out`: a
+    `--resume` if it checkpointed, else that nothing was saved."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        from dfo_lora.search.run import CHECKPOINT
+
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            if (self.out / CHECKPOINT).is_file():
+                exc.args = (f"continue with: dfo-lora tune --resume {self.out}",)
+            else:
+                exc.args = (f"nothing checkpointed yet in {self.out}",)
+        return False
 
 
 def summary(results: dict, out: Path) -> str:
@@ -458,14 +512,33 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export,
         "baseline": cmd_baseline,
     }
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # as Ctrl-C
     try:
         return commands[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a file-system fault (read-only, full disk, a file as a folder)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # the run's lock and temp files are released on the way
+        hint = f"; {exc.args[0]}" if exc.args else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so `finally` blocks (the run folder's lock)
+    run as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def test_a_reused_pid_is_stale_and_another_hosts_lock_is_held(tmp_path):
 def test_second_tune_and_resume_of_a_running_run_exit_2_and_touch_nothing(tmp_path, tune_args):
     """A real tune is frozen (SIGSTOP) mid-search: a second tune on its --out, with
     --overwrite or without, and a --resume, exit 2 naming it and leave the folder as it
-    is; the first run, interrupted (Ctrl-C), releases the lock and resumes to the end."""
+    is; the first run, stopped by SIGTERM (handled as Ctrl-C), releases the lock, says how
+    to continue and resumes to the end."""
     out = tmp_path / "run"
     first = subprocess.Popen(
         [sys.executable, "-m", "dfo_lora.cli", *map(str, tune_args), "--budget", "720"]
@@ -153,18 +154,21 @@ def test_second_tune_and_resume_of_a_running_run_exit_2_and_touch_nothing(tmp_pa
             line = one_line_error(run_cli(*args))
             assert "in use by another run" in line and holder in line, line
             assert snapshot(out) == before
-        first.send_signal(signal.SIGINT)  # handled as soon as it runs again
+        first.send_signal(signal.SIGTERM)  # handled as soon as it runs again
         os.kill(first.pid, signal.SIGCONT)
-        assert first.wait(timeout=120) == 130, first.stderr.read()
+        assert first.wait(timeout=120) == 143, first.stderr.read()
+        last = first.stderr.read().strip().splitlines()[-1]
+        assert last == f"interrupted; continue with: dfo-lora tune --resume {out}", last
     finally:
         if first.poll() is None:
             os.kill(first.pid, signal.SIGCONT)
             first.kill()
             first.wait()
-    assert not (out / outdir.LOCK).exists()  # Ctrl-C released it
+    assert not (out / outdir.LOCK).exists()  # the stop released it
     assert not (out / "results.json").exists()
     resumed = run_cli("tune", "--resume", out, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} at " in resumed.stderr and " of 720 evaluations" in resumed.stderr
     assert json.loads((out / "results.json").read_text())["evaluations"] == 720
     assert not (out / outdir.LOCK).exists()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,11 @@ def hardware() -> dict:
     return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "gpu": gpu}
 
 
-def prepare_out_dir(out: Path, config: TuneConfig, resume: bool, overwrite: bool) -> TuneConfig:
+def prepare_out_dir(
+    out: Path, config: TuneConfig, resume: bool, overwrite: bool, resumable: bool = True
+) -> TuneConfig:
     """Check the folder before anything is written; returns the config to run.
+    (`resumable`: whether the "exists" error may suggest --resume; baselines cannot.)
 
     A folder that another live run holds is refused (`outdir.check_not_held`); its lock
     never counts as content, and `overwrite` is refused for a folder holding files that
@@ -118,7 +122,8 @@ def prepare_out_dir(out: Path, config: TuneConfig, resume: bool, overwrite: bool
         return previous
     if outdir.contents(out):
         if not overwrite:
-            raise UserError(f"out: {out} exists and is not empty; pass --overwrite or --resume")
+            also = " or --resume" if resumable else ""
+            raise UserError(f"out: {out} exists and is not empty; pass --overwrite{also}")
         outdir.check_clearable(out)
     return config
 
@@ -177,6 +182,10 @@ def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, op
     )
     if state is not None:
         search.load_state_dict(state)
+        print(
+            f"resuming {out} at {search.position.evals} of {config.budget} evaluations",
+            file=sys.stderr,
+        )
     else:  # the first write: a previous run's files go (overwrite), the config comes
         outdir.clear(out)
         atomic_write_bytes(out / "config.yaml", config.to_yaml().encode())
@@ -189,6 +198,7 @@ def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, op
     info = server.info()
     results["server"] = {k: v for k, v in info.items() if k not in ("sigma_hat", "space_state")}
     results["notes"] = server_notes(server)
+    results["resolved"] = resolved_settings(config, info)
     factors = {
         **factor_tensors(server.state_factors(search.best_dev_z), "best"),
         **factor_tensors(server.state_factors(server.get_state()), "final"),
@@ -211,6 +221,26 @@ def calibrated_zero_shot(server, config: TuneConfig, zero_shot: dict) -> dict:
         return {split: server.evaluate(split, calibrate=True) for split in ("dev", "test")}
     finally:
         server.set_state(current)
+
+
+def resolved_settings(config: TuneConfig, info: dict) -> dict:
+    """What the config's `auto` and unset values became on this machine (config.yaml
+    keeps them as given, so a resume on another machine resolves them there again)."""
+    from dfo_lora.tasks.loaders import default_data_dir
+
+    data_dir = config.data_dir
+    if data_dir is None:
+        try:
+            data_dir = str(default_data_dir().resolve())
+        except UserError:  # a YAML task with its own data paths: no shared folder needed
+            data_dir = None
+    space = config.space_config()
+    return {
+        "dtype": info.get("dtype"),
+        "device": info.get("device"),
+        "targets": list(getattr(space, "targets", None) or []) or None,
+        "data_dir": data_dir,
+    }
 
 
 def server_metric(server) -> str:
@@ -305,6 +335,10 @@ def _read_tuned(run_dir: Path, command: str = "eval") -> tuple[dict[str, np.ndar
     return tensors, config
 
 
+# Where a run reads from and runs on, not what it tuned: `dfo-lora eval` takes them again.
+WHERE_FIELDS = ("model", "data_dir", "device", "dtype", "test_limit")
+
+
 def _check_tuned_metadata(path: Path, meta: dict, saved: Path) -> None:
     """tuned.safetensors' copy of the config equals config.yaml (both are written by the
     same tune): a difference means one was edited or they are two runs' files."""
@@ -321,10 +355,10 @@ def _check_tuned_metadata(path: Path, meta: dict, saved: Path) -> None:
     if diff:
         shown = ", ".join(f"{k} ({values.get(k)!r} vs {want.get(k)!r})" for k in diff[:4])
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-        raise UserError(
-            f"{path}: its config metadata differs from {saved} in {shown}{more}; "
-            "one was edited or they are two runs' files"
-        )
+        why = "one was edited or they are two runs' files"
+        if set(diff) <= set(WHERE_FIELDS):  # a moved model or data folder, edited in by hand
+            why = "put config.yaml back (eval takes --model, --data-dir, --device, --dtype again)"
+        raise UserError(f"{path}: its config metadata differs from {saved} in {shown}{more}; {why}")
 
 
 def _space_metadata(path: Path, meta: dict, config: TuneConfig) -> dict:
