@@ -172,6 +172,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_llama_dir, capsys, 
     (out / "keep.txt").write_text("mine")
     line = one_line_error(capsys, main(cli_args(tiny_llama_dir, "zero-shot", out)))
     assert "exists" in line and (out / "keep.txt").read_text() == "mine"
+    assert "--resume" not in line  # baselines have none
 
 
 def test_prompt_baselines_match_tune(tmp_path, tiny_llama_dir, capsys):
@@ -182,6 +183,13 @@ def test_prompt_baselines_match_tune(tmp_path, tiny_llama_dir, capsys):
         progress=False,
     )
     assert TUNE_KEYS <= set(tuned)
+    resolved = tuned["resolved"]  # what auto and the unset fields became
+    assert (resolved["dtype"], resolved["device"], resolved["targets"]) == (
+        "float32",
+        "cpu",
+        ["q", "k"],
+    )
+    assert (Path(resolved["data_dir"]) / "sst2").is_dir()
     runs = {}
     for method in ("zero-shot", "calibrated", "icl"):
         assert main(cli_args(tiny_llama_dir, method, tmp_path / method)) == 0
@@ -190,7 +198,9 @@ def test_prompt_baselines_match_tune(tmp_path, tiny_llama_dir, capsys):
         assert runs[method]["method"] == method
         assert_same_states(runs[method]["zero_shot"], tuned["zero_shot"])
         assert_same_states(runs[method]["calibrated_zero_shot"], tuned["calibrated_zero_shot"])
-    assert "calibrated zero" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "calibrated zero" in printed
+    assert f"results in {tmp_path / 'icl'}/results.json" in printed
     assert_same_states(runs["zero-shot"]["tuned"], tuned["zero_shot"])
     assert_same_states(runs["calibrated"]["tuned"], tuned["calibrated_zero_shot"])
     # the calibrated zero state is what a server built with calibrate=True reports

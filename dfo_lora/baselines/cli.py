@@ -83,7 +83,7 @@ def add_baseline_parser(sub) -> None:
 
 def cmd_baseline(args) -> int:
     from dfo_lora.baselines.registry import get_method
-    from dfo_lora.baselines.run import run_baseline
+    from dfo_lora.baselines.run import default_out, run_baseline
 
     method = get_method(args.method)
     values: dict = {}
@@ -100,10 +100,11 @@ def cmd_baseline(args) -> int:
         given = getattr(args, f"option_{name}")
         if given is not None:
             options[name] = given
+    out = Path(args.out) if args.out else default_out(method.name, config)
     results = run_baseline(
-        method.name, config, options, args.out, overwrite=args.overwrite, progress=not args.quiet
+        method.name, config, options, out, overwrite=args.overwrite, progress=not args.quiet
     )
-    print(summary(results))
+    print(summary(results) + f"\nresults in {out}/results.json")
     return 0
 
 

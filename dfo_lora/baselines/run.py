@@ -42,9 +42,9 @@ def run_baseline(
     out = Path(out) if out is not None else default_out(entry.name, config)
     if out.exists() and not out.is_dir():
         raise UserError(f"out: {out} is a file, not a folder")
-    prepare_out_dir(out, config, resume=False, overwrite=overwrite)  # checks only
+    prepare_out_dir(out, config, False, overwrite, resumable=False)  # checks only
     with outdir.hold(out):  # tune, for c-lora / f-lora, holds it again (re-entrant)
-        prepare_out_dir(out, config, resume=False, overwrite=overwrite)  # now that it is ours
+        prepare_out_dir(out, config, False, overwrite, resumable=False)  # now ours
         if entry.uses_tune:
             return entry.run(config, resolved, out, overwrite=overwrite, progress=progress)
         ctx = prepare_context(entry.name, config, resolved, out, progress)
