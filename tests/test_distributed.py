@@ -25,6 +25,9 @@ from dfo_lora.search.checkpoint import load_state
 from dfo_lora.search.run import tune
 from dfo_lora.server.factory import build_server
 
+# One local Ray cluster at a time: under pytest-xdist these files share a worker.
+pytestmark = pytest.mark.xdist_group("ray")
+
 SETTINGS = dict(
     task="sst2",
     test_limit=40,
@@ -351,6 +354,8 @@ def test_cli_unreachable_address_is_one_line_exit_2(tiny_llama_dir, tmp_path):
         ({"config": {"servers": 0}}, r"run run: servers: must be a positive integer, got 0"),
         ({"grid": {"seed": []}}, r"grid: seed: empty list"),
         ({"config": {"gpus_per_server": 1.5}}, r"gpus_per_server: must be a fraction"),
+        ({}, r"sweep.yaml: no runs: give grid .* and/or config"),
+        ({"out": "x", "grid": {}}, r"no runs"),
     ],
 )
 def test_bad_sweep_files_are_one_line_errors(tmp_path, monkeypatch, content, message):

@@ -109,6 +109,11 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
             raise UserError(
                 f"{path}: unknown sweep key {key!r} (keys: {', '.join(SWEEP_KEYS)}){hint}"
             )
+    if not data.get("grid") and not data.get("config"):  # else: the default run, on Ray
+        raise UserError(
+            f"{path}: no runs: give grid (lists to combine) and/or config (every run's "
+            "settings); see dfo-lora sweep --help"
+        )
     grid = data.get("grid") or {}
     base = data.get("config") or {}
     for name, value in (("grid", grid), ("config", base)):
