@@ -152,8 +152,10 @@ def converted_gguf_folder(gguf: Path, name: str) -> Path:
         tokenizer.save_pretrained(staging)
         honour_umask(staging)  # safetensors writes 0o600; the cache is a plain folder
         os.replace(staging, target)  # atomic: a half-written folder is never picked up
-    except FileExistsError:
-        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    except OSError:  # EEXIST or ENOTEMPTY: another process finished first (else re-raised)
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
