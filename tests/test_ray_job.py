@@ -20,6 +20,9 @@ from dfo_lora.tasks.loaders import default_data_dir
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
+# One local Ray cluster at a time: under pytest-xdist these files share a worker.
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 def free_port() -> int:
     with socket.socket() as s:
