@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from dfo_lora.cli import build_parser
@@ -24,6 +25,7 @@ from dfo_lora.server.factory import build_server
 class TestTrace(Callback):
     def __init__(self, server, path: Path):
         self.server, self.path, self.train = server, path, None
+        self.start = time.perf_counter()
         path.write_text("")
 
     def on_generation(self, record: dict) -> None:
@@ -31,7 +33,13 @@ class TestTrace(Callback):
 
     def on_dev(self, record: dict) -> None:
         test = self.server.evaluate("test")
-        row = {"evals": record["evals"], "train": self.train, "dev": record["dev"], "test": test}
+        row = {
+            "evals": record["evals"],
+            "train": self.train,
+            "dev": record["dev"],
+            "test": test,
+            "wall_s": round(time.perf_counter() - self.start, 1),
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(
