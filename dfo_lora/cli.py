@@ -56,6 +56,7 @@ GROUPS = {
         "popsize",
         "budget",
         "generations_per_visit",
+        "subspace_dim",
         "layers",
         "layer_order",
         "commit",

@@ -128,6 +128,13 @@ class TuneConfig:
     popsize: int = opt(20, "candidates per generation")
     budget: int = opt(8000, 'candidate evaluations ("API calls")')
     generations_per_visit: int = opt(1, "generations at a layer before moving on")
+    subspace_dim: int | None = opt(
+        None,
+        "k: each visit searches k fresh random directions of the layer's z around its "
+        "current value, with a fresh optimizer (a growing space: over the rounds the search "
+        "reaches more of z than k directions, each visit's step estimated in k dims)",
+        shown="none: the whole z, one optimizer per layer for the run",
+    )
     layer_order: str = opt("bottom_up", "bottom_up | top_down | random (per round)")
     commit: str = opt("best", "best (xbest, the paper) | mean (distribution centre)")
     select: str = opt(
@@ -206,6 +213,11 @@ class TuneConfig:
         ):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.subspace_dim is not None and not 0 < self.subspace_dim <= self.intrinsic_dim:
+            raise UserError(
+                f"subspace_dim: must be in 1..intrinsic_dim ({self.intrinsic_dim}), "
+                f"got {self.subspace_dim}"
+            )
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise UserError(f"max_tokens: must be a positive integer, got {self.max_tokens}")
         if self.popsize < 2:
@@ -240,7 +252,7 @@ class TuneConfig:
             try:
                 make_optimizer(
                     kind,
-                    self.intrinsic_dim,
+                    self.subspace_dim or self.intrinsic_dim,
                     self.popsize,
                     self.sigma,
                     0,

@@ -183,8 +183,9 @@ def _kill_mid_search(args, out: Path, min_lines: int) -> None:
         ["--optimizer", "dynfwa"],
         ["--optimizer", "hybrid", "--hybrid-mode", "round"],
         ["--elitist", "true", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
+        ["--subspace-dim", "4", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
     ],
-    ids=["cma", "dynfwa", "hybrid-round", "elitist-mid-visit"],
+    ids=["cma", "dynfwa", "hybrid-round", "elitist-mid-visit", "subspace-mid-visit"],
 )
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama_dir, tmp_path, optimizer):
     common = [
@@ -352,3 +353,51 @@ def test_fit_on_train_and_dev_fits_every_labelled_example(tiny_llama_dir):
     assert np.allclose(both.predict("train")["logits"], want, rtol=1e-4, atol=1e-5)
     with pytest.raises(UserError, match="select must be final"):
         TuneConfig(fit_on="train+dev").validate()
+
+
+class RecordingServer:
+    """A real server that also keeps, per scored batch, the layer, the candidates and the
+    layer's committed z at that moment (to check where a subspace search looks)."""
+
+    def __init__(self, server):
+        self.server, self.batches = server, []
+
+    def score(self, layer, candidates):
+        self.batches.append((layer, np.array(candidates), self.server.get_state()[layer].copy()))
+        return self.server.score(layer, candidates)
+
+    def __getattr__(self, name):
+        return getattr(self.server, name)
+
+
+def test_subspace_search_looks_along_fresh_directions_around_the_layers_z(tiny_llama_dir):
+    """--subspace-dim k: every candidate of a visit is the layer's z plus a combination of
+    that visit's k directions; each visit of a layer draws new ones; the commit moves z
+    within them, so over the rounds z leaves any single k-dim subspace."""
+    config = tiny_config(tiny_llama_dir, subspace_dim=3, intrinsic_dim=12, budget=6 * 3 * 3)
+    server = RecordingServer(build_server(config.server_spec()))
+    search = LayerwiseSearch(server, config, metric="accuracy")
+    search.run()
+    assert len(server.batches) == 9  # 3 rounds x 3 layers, one generation each
+    for index, (layer, candidates, anchor) in enumerate(server.batches):
+        basis = search.subspace(layer, index // 3)
+        assert basis.shape == (12, 3)
+        coef, *_ = np.linalg.lstsq(basis, (candidates - anchor).T, rcond=None)
+        assert np.allclose(basis @ coef, (candidates - anchor).T, atol=1e-9)
+        assert np.linalg.matrix_rank(candidates - anchor) == 3  # the whole subspace is used
+    b0, b1 = search.subspace(0, 0), search.subspace(0, 1)
+    assert not np.allclose(b0, b1)
+    final = server.get_state()
+    assert np.any(final[0] != 0)
+    bases = np.hstack([search.subspace(0, r) for r in range(3)])  # 9 directions
+    coef, *_ = np.linalg.lstsq(bases, final[0], rcond=None)
+    assert np.allclose(bases @ coef, final[0], atol=1e-9)  # z = the sum of the visits' steps
+    coef, *_ = np.linalg.lstsq(b0, final[0], rcond=None)
+    assert not np.allclose(b0 @ coef, final[0], atol=1e-6)  # not within the first visit's
+
+
+def test_subspace_dim_is_checked_against_the_space():
+    with pytest.raises(UserError, match=r"subspace_dim: must be in 1..intrinsic_dim \(8\), got 9"):
+        TuneConfig(intrinsic_dim=8, subspace_dim=9).validate()
+    with pytest.raises(UserError, match="subspace_dim"):
+        TuneConfig(subspace_dim=0).validate()

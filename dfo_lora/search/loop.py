@@ -220,9 +220,14 @@ class LayerwiseSearch:
             order = layer_order(config, self.layers, pos.round)
             while pos.visit < len(order):
                 layer = order[pos.visit]
+                basis = self.subspace(layer, pos.round)
+                if basis is not None and pos.generation == 0:  # a fresh optimizer per visit
+                    self._renew_optimizer(layer, pos.round)
                 opt = self.optimizer_for(layer, pos.round)
+                anchor = self.server.get_state()[layer] if basis is not None else None
                 while pos.generation < config.generations_per_visit:
-                    candidates = opt.ask()
+                    asked = opt.ask()
+                    candidates = asked if basis is None else anchor + asked @ basis.T
                     batch = candidates
                     if config.elitist and pos.generation == 0:  # the layer's current z, last
                         batch = np.vstack([candidates, self.server.get_state()[layer][None]])
@@ -233,7 +238,7 @@ class LayerwiseSearch:
                     losses = losses[: len(candidates)]
                     # decay on z (0 by default): told to the optimizer, not logged
                     penalty = config.z_penalty * np.mean(np.square(candidates), axis=1)
-                    opt.tell(candidates, losses + penalty)
+                    opt.tell(asked, losses + penalty)
                     self._track_visit_best(candidates, losses)
                     pos.evals += len(batch)
                     pos.generation += 1
@@ -260,7 +265,7 @@ class LayerwiseSearch:
                     ):
                         self.checkpoint(self.state_dict())
                         last_checkpoint = time.perf_counter()
-                self._commit(layer, opt)
+                self._commit(layer, opt, anchor, basis)
                 pos.visit += 1
                 pos.generation = 0
                 self.visit = _fresh_visit()
@@ -280,15 +285,44 @@ class LayerwiseSearch:
         if finite[i] < self.visit["loss"]:
             self.visit["loss"], self.visit["z"] = float(finite[i]), np.array(candidates[i])
 
-    def _commit(self, layer: int, opt) -> None:
+    def subspace(self, layer: int, round_index: int) -> np.ndarray | None:
+        """The visit's search directions (d, subspace_dim), or None (the whole z).
+
+        N(0, 1/k) entries, seeded by (seed, layer, round): the space's map times them is
+        distributed as a fresh k-dim map of the space, so each visit searches k new
+        directions around the layer's z while z keeps what earlier visits found."""
+        k = self.config.subspace_dim
+        if k is None:
+            return None
+        rng = np.random.default_rng([self.config.seed, layer, round_index, 0x5B5])
+        return rng.standard_normal((self.dim, k)) / np.sqrt(k)
+
+    def _renew_optimizer(self, layer: int, round_index: int) -> None:
+        """subspace_dim: the visit's optimizer starts afresh at u = 0 (the layer's z) with
+        the initial step, since the directions it learnt belong to the last basis."""
+        which = optimizer_index(self.config, layer, round_index)
+        kind = self.kinds[which]
+        self.optimizers[self.slot[layer]][which] = self.factory.make(
+            kind,
+            self.config.subspace_dim,
+            self.config.popsize,
+            self.config.sigma,
+            self._seed(layer, which) + 1_000_003 * (round_index + 1),
+            **options_for(self.config, kind),
+        )
+
+    def _commit(self, layer: int, opt, anchor=None, basis=None) -> None:
         """Paper: the best-ever candidate (or the mean). Elitist: this visit's best candidate,
-        only if its train loss is below that of the layer's current z in the same context."""
+        only if its train loss is below that of the layer's current z in the same context.
+        With a subspace (`basis`), the optimizer's point u is the z `anchor + basis @ u`."""
         config = self.config
         if config.elitist:
             if self.visit["z"] is not None and self.visit["loss"] < self.visit["current_loss"]:
                 self.server.commit(layer, self.visit["z"])
             return
         z = opt.best[0] if config.commit == "best" else opt.mean
+        if basis is not None:
+            z = anchor + basis @ np.asarray(z)
         if np.all(np.isfinite(z)) and (config.commit == "mean" or np.isfinite(opt.best[1])):
             self.server.commit(layer, z)
 
