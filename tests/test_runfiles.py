@@ -122,6 +122,12 @@ TAMPERED_TUNED = {
         lambda p: rewrite(p, meta_change=edit_config_metadata(rank=9)),
         ["config metadata differs from", "config.yaml in rank (9 vs 4)"],
     ),
+    "model edited in config.yaml": (
+        lambda p: (p.parent / "config.yaml").write_text(
+            yaml.safe_dump({**yaml.safe_load((p.parent / "config.yaml").read_text()), "model": "m"})
+        ),
+        ["config metadata differs from", "in model (", "vs 'm')", "eval takes --model"],
+    ),
     "z wrong width": (
         lambda p: rewrite(p, lambda t: t.__setitem__("z", t["z"][:, :7].copy())),
         ["tensor 'z' has shape (3, 7), expected (3, 60) (intrinsic_dim in"],
