@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from dfo_lora.errors import UserError, did_you_mean
@@ -289,6 +290,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, state: str = "bes
             (staging / "dfo_lora_export.json").write_text(json.dumps(note, indent=2))
         honour_umask(staging)  # safetensors writes 0o600; the export is a plain folder
         os.replace(staging, out)
+    except SafetensorError as exc:  # its own file writes: a full disk is not an OSError
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"export: cannot write {out}: {str(exc).split(': ', 1)[-1]}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -466,7 +466,8 @@ def test_a_crash_mid_checkpoint_keeps_the_old_one_and_resumes(
     finished, tiny_llama_dir, tmp_path, capsys
 ):
     """A process killed while writing a checkpoint (no clean-up runs) leaves its half
-    written temp file beside the previous checkpoint, which resumes."""
+    written temp file beside the previous checkpoint, which resumes (and the resume
+    removes the temp file)."""
     out = tmp_path / "run"
     args = ["tune", "--model", tiny_llama_dir, "--task", "sst2", "--test-limit", "20"]
     args += ["--popsize", "6", "--budget", "36", "--eval-every", "12", "--intrinsic-dim", "60"]
@@ -483,6 +484,7 @@ def test_a_crash_mid_checkpoint_keeps_the_old_one_and_resumes(
     assert load_state(out / CHECKPOINT, config)["position"]["visit"] == 2  # the 2nd one
     assert cli.main(["tune", "--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
     assert_same_run(out, finished[0])
+    assert not partial[0].exists()  # the resume, holding the lock, removed the dead temp
 
 
 @pytest.mark.parametrize(("fmt", "how"), [("native", "rename"), ("peft", "partial")])

@@ -122,6 +122,20 @@ def clear(out: Path) -> None:
             entry.unlink()
 
 
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the temporary files of writes that a killed run left (`.NAME.<random>` of
+    a run file, in the folder and its RUN_FOLDERS); call it holding the lock, so no live
+    writer owns them. Returns what it removed."""
+    removed = []
+    for folder, names in ((out, RUN_FILES), *((out / f, n) for f, n in RUN_FOLDERS.items())):
+        if folder.is_dir() and not folder.is_symlink():
+            for entry in folder.iterdir():
+                if _temp_of(entry.name, names) and entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
+
+
 # ---------------------------------------------------------------------- the lock
 def _process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""

@@ -182,6 +182,7 @@ def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, op
     )
     if state is not None:
         search.load_state_dict(state)
+        outdir.remove_stale_temps(out)  # a killed write's temp file: we hold the lock
         print(
             f"resuming {out} at {search.position.evals} of {config.budget} evaluations",
             file=sys.stderr,
