@@ -301,3 +301,22 @@ def test_a_runs_files_are_readable_under_umask_022(tmp_path, tune_args):
     for name in ("config.yaml", "results.json", "tuned.safetensors", "log.jsonl"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
     assert (out / "checkpoint" / "state.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_second_sweep_into_a_held_sweep_folder_is_refused(tmp_path, tiny_llama_dir):
+    """A sweep holds its folder for its life: another sweep into it is one line, exit 2,
+    and neither sweep.jsonl nor a run folder is written."""
+    root = tmp_path / "sweep"
+    proc = start_holder(root)
+    try:
+        sweep = tmp_path / "s.yaml"
+        sweep.write_text(
+            f"out: {root}\ngrid:\n  seed: [1]\n"
+            f"config:\n  model: {tiny_llama_dir}\n  backend: local\n  budget: 36\n"
+        )
+        line = one_line_error(run_cli("sweep", sweep))
+        assert f"in use by another run (pid {proc.pid}" in line, line
+        assert [p.name for p in root.iterdir()] == [outdir.LOCK]
+    finally:
+        proc.kill()
+        proc.wait()

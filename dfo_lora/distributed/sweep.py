@@ -298,10 +298,21 @@ def run_sweep(
     concurrency: int | None = None,
     echo=print,
 ) -> dict:
-    """Run (or continue) a sweep; returns {"done", "skipped", "failed", "jsonl"}."""
-    from dfo_lora.search.checkpoint import atomic_write_bytes
+    """Run (or continue) a sweep; returns {"done", "skipped", "failed", "jsonl"}.
+
+    The sweep's folder is held (`outdir.hold`: its `.lock`) for the whole sweep, so a
+    second sweep into the same folder is refused in one line instead of rewriting
+    sweep.jsonl beside this one; each run also holds its own folder."""
+    from dfo_lora.search import outdir
 
     sweep = load_sweep(path, out, concurrency)
+    with outdir.hold(sweep.out):
+        return _run_sweep(sweep, echo)
+
+
+def _run_sweep(sweep: Sweep, echo) -> dict:
+    from dfo_lora.search.checkpoint import atomic_write_bytes
+
     records: dict[str, dict] = {}
     lock = threading.Lock()
     jsonl = sweep.out / JSONL
