@@ -20,11 +20,11 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# One pytest worker per core (pytest-xdist); the Ray tests share one worker (loadgroup),
+# One pytest worker per core, at most 4 (pytest-xdist); the Ray tests share one worker (loadgroup),
 # since two local clusters on one machine could find each other.
 test: setup
 	$(BIN)/ruff check dfo_lora tests experiments
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
 
 # The recommended search on sst2 (seed 42): the task where it is measured above the
 # calibrated zero state (BENCHMARKS.md "Quality benchmark"; on mr it is not, yet).
