@@ -237,3 +237,5 @@ def test_help_shows_the_real_defaults():
     text = run_cli("tune", "--help").stdout
     assert "(default: None)" not in text
     assert "(default: the whole split)" in text and "(default: auto)" in text
+    sweep = run_cli("sweep", "--help").stdout
+    assert "backend: local" in sweep and "grid:" in sweep

@@ -98,3 +98,11 @@ def test_full_disk_mid_tune_is_one_line_and_resumes_elsewhere(
     left = sorted(p.relative_to(full).as_posix() for p in full.rglob("*"))
     assert not [name for name in left if Path(name).name.startswith(".")], left  # no temp
     assert cli.main(["tune", *map(str, args), "--budget", "36", "--out", str(tmp_path / "b")]) == 0
+
+
+def test_export_under_a_file_is_one_line(finished_run, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    line = cli_error(capsys, "export", finished_run, "--format", "native", "--out", blocker / "x")
+    assert str(blocker) in line, line
+    assert blocker.read_text() == "mine"
