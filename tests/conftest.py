@@ -14,7 +14,11 @@ def pytest_configure(config) -> None:
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        # the same count in the runs the tests start, so a subprocess's fp32 rounding
+        # matches the worker's (resumed-vs-uninterrupted tests compare bit for bit)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,9 @@ def base_args(tiny_llama_dir):
     return ["tune", "--model", tiny_llama_dir, "--task", "sst2", "--test-limit", "20", "--quiet"]
 
 
-def test_bad_config_values(tmp_path, base_args):
+def test_bad_config_values(tmp_path, base_args, capsys):
+    """In this process (cli.main, as the installed command runs it): one line, exit 2,
+    no traceback, and no --out folder left behind."""
     cases = {
         ("--popsize", "abc"): "popsize: 'abc' is not a valid int",
         ("--popsize", "0"): "popsize: must be",
@@ -119,9 +121,13 @@ def test_bad_config_values(tmp_path, base_args):
     }
     for extra, expected in cases.items():
         out = tmp_path / ("out-" + "-".join(e.strip("-") for e in extra))
-        line = one_line_error(run_cli(*base_args, *extra, "--out", out))
-        assert expected in line, (extra, line)
-        assert not (out / "results.json").exists()
+        code = main([str(a) for a in (*base_args, *extra, "--out", out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, (extra, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (extra, err)
+        assert expected in lines[0], (extra, lines[0])
+        assert not out.exists(), extra
 
 
 def test_unknown_yaml_key_gets_did_you_mean(tmp_path, base_args):
