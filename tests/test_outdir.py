@@ -320,3 +320,19 @@ def test_a_second_sweep_into_a_held_sweep_folder_is_refused(tmp_path, tiny_llama
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("content", ["{cut", "[]", '{"metric": "accuracy"}'])
+def test_a_sweep_reading_a_damaged_results_file_names_it(tmp_path, tiny_llama_dir, content):
+    root = tmp_path / "sweep"
+    cell = root / "seed=1"
+    cell.mkdir(parents=True)
+    (cell / "results.json").write_text(content)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        f"out: {root}\ngrid:\n  seed: [1]\n"
+        f"config:\n  model: {tiny_llama_dir}\n  backend: local\n  budget: 36\n"
+    )
+    line = one_line_error(run_cli("sweep", sweep))
+    assert str(cell / "results.json") in line and "remove it to run that cell again" in line
+    assert sorted(p.name for p in root.iterdir()) == ["seed=1"]  # no sweep.jsonl, no lock

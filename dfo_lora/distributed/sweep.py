@@ -200,6 +200,19 @@ def _record(run: SweepRun, root: Path, status: str, results=None, error=None) ->
     return record
 
 
+def _read_results(path: Path) -> dict:
+    """A finished run's results.json, or one line naming it (a cut or edited file)."""
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{path}: not valid JSON ({exc}); remove it to run that cell again"
+        ) from None
+    if not isinstance(results, dict):
+        raise UserError(f"{path}: expected a JSON object; remove it to run that cell again")
+    return results
+
+
 def _resumable(run: SweepRun) -> bool:
     from dfo_lora.search.run import CHECKPOINT
 
@@ -327,7 +340,14 @@ def _run_sweep(sweep: Sweep, echo) -> dict:
     for run in sweep.runs:
         done = run.out / "results.json"
         if done.is_file():
-            save(run, _record(run, sweep.out, "skipped", json.loads(done.read_text())))
+            try:
+                record = _record(run, sweep.out, "skipped", _read_results(done))
+            except (KeyError, TypeError) as exc:  # an edited or foreign results.json
+                raise UserError(
+                    f"{done}: not a dfo-lora results file (no {exc}); remove it to run "
+                    "that cell again"
+                ) from None
+            save(run, record)
         else:
             todo.append(run)
     echo(f"sweep: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished")
