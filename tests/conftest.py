@@ -38,3 +38,19 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir):
     from tests.tiny_models import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every socket connect is recorded and refused: the hub must not be reached."""
+    import socket
+
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts

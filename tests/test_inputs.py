@@ -210,22 +210,6 @@ def test_tune_with_a_bad_template_writes_nothing(tiny_llama_dir, tmp_path, capsy
 # ---------------------------------------------------------------- data folder
 
 
-@pytest.fixture
-def no_network(monkeypatch) -> list:
-    """Every socket connect is recorded and refused: the hub must not be reached."""
-    import socket
-
-    attempts = []
-
-    def refuse(self, address, *args):
-        attempts.append(address)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    return attempts
-
-
 def test_tune_elsewhere_names_the_folders_tried(
     tiny_llama_dir, tmp_path, monkeypatch, capsys, no_network
 ):

@@ -6,7 +6,6 @@ Folders written by `save_to_disk` stand in for the hub; the hub path itself runs
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import replace
 
@@ -62,7 +61,7 @@ def _one_line_error(fn, *args, **kwargs) -> str:
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
+def offline(monkeypatch, tmp_path, no_network):
     """HF offline mode (env and the already-imported libraries), an empty cache, and no
     network: every socket connect is recorded and refused."""
     import huggingface_hub.constants
@@ -74,15 +73,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    attempts = []
-
-    def refuse(self, address, *args):
-        attempts.append(address)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    return attempts
+    return no_network  # the connects tried (conftest: each refused)
 
 
 def test_every_builtin_task_names_a_hub_dataset():
