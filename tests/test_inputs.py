@@ -16,15 +16,7 @@ from dfo_lora.backbone import load_backbone
 from dfo_lora.cli import main
 from dfo_lora.errors import UserError
 from dfo_lora.tasks import default_data_dir
-
-
-def one_line(fn, *args, **kwargs) -> str:
-    """Call fn, expect UserError, return its message (asserted to be one line)."""
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
+from tests.test_tasks import user_error as one_line
 
 
 def cli_error(capsys, *argv) -> str:
