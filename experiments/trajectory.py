@@ -60,6 +60,9 @@ class TestTrace(Callback):
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):  # the first argument is OUT.jsonl
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     out = Path(sys.argv[1])
     args = build_parser().parse_args(["tune", *sys.argv[2:]])
     overrides = {k: getattr(args, k) for k in FIELD_TYPES if getattr(args, k, None) is not None}
