@@ -188,6 +188,7 @@ class TuneConfig:
         _check_choice("hybrid_mode", self.hybrid_mode, HYBRID_MODES)
         _check_choice("layer_order", self.layer_order, LAYER_ORDERS)
         _check_choice("commit", self.commit, COMMITS)
+        policy.check_commit(self)
         _check_choice("select", self.select, SELECTIONS)
         _check_choice("fit_on", self.fit_on, FIT_SPLITS)
         if self.fit_on == "train+dev" and self.select != "final":

@@ -118,6 +118,23 @@ def test_bad_config_values(tmp_path, base_args, capsys):
             "n_fireworks=3",
         ): "cma.n_fireworks: unknown option for optimizer 'cma'",
         ("--optimizer-options", "bogus"): "optimizer_options: 'bogus' is not a valid dict",
+        ("--optimizer", "esgrad"): "commit: esgrad steps its mean, so it needs commit: mean",
+        (
+            "--optimizer",
+            "esgrad",
+            "--commit",
+            "mean",
+            "--elitist",
+            "true",
+        ): "elitist: esgrad steps its mean",
+        (
+            "--optimizer",
+            "esgrad",
+            "--commit",
+            "mean",
+            "--popsize",
+            "7",
+        ): "esgrad.popsize: 7 must be even",
     }
     for extra, expected in cases.items():
         out = tmp_path / ("out-" + "-".join(e.strip("-") for e in extra))

@@ -181,11 +181,12 @@ def _kill_mid_search(args, out: Path, min_lines: int) -> None:
     [
         ["--optimizer", "cma"],
         ["--optimizer", "dynfwa"],
+        ["--optimizer", "esgrad", "--commit", "mean"],
         ["--optimizer", "hybrid", "--hybrid-mode", "round"],
         ["--elitist", "true", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
         ["--subspace-dim", "4", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
     ],
-    ids=["cma", "dynfwa", "hybrid-round", "elitist-mid-visit", "subspace-mid-visit"],
+    ids=["cma", "dynfwa", "esgrad", "hybrid-round", "elitist-mid-visit", "subspace-mid-visit"],
 )
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama_dir, tmp_path, optimizer):
     common = [

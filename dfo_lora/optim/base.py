@@ -120,6 +120,35 @@ def json_normal(field_name: str, value: Any) -> Any:
     raise UserError(f"{field_name}: {value!r} is not a JSON value (number, string, list, dict)")
 
 
+def rng_state_dict(rng: np.random.Generator) -> dict:
+    """A PCG64 generator's state as JSON values (128-bit integers as decimal strings, exact
+    in any JSON reader), for an optimizer's `state_dict()`."""
+    bg = rng.bit_generator.state
+    if bg["bit_generator"] != "PCG64":
+        raise ValueError(f"bit generator {bg['bit_generator']!r} is not PCG64")
+    return {
+        "rng_bit_generator": bg["bit_generator"],
+        "rng_state": str(bg["state"]["state"]),
+        "rng_inc": str(bg["state"]["inc"]),
+        "rng_has_uint32": int(bg["has_uint32"]),
+        "rng_uinteger": int(bg["uinteger"]),
+    }
+
+
+def rng_from_state(state: dict) -> np.random.Generator:
+    """The generator `rng_state_dict` saved; KeyError/ValueError/TypeError when malformed."""
+    if state["rng_bit_generator"] != "PCG64":
+        raise ValueError(f"bit generator {state['rng_bit_generator']!r} is not PCG64")
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": int(state["rng_state"]), "inc": int(state["rng_inc"])},
+        "has_uint32": int(state["rng_has_uint32"]),
+        "uinteger": int(state["rng_uinteger"]),
+    }
+    return rng
+
+
 def sanitize_losses(losses: np.ndarray) -> np.ndarray:
     """NaN/+inf/-inf -> +inf (the worst loss), as a new float64 array."""
     losses = np.asarray(losses, dtype=np.float64)

@@ -84,7 +84,14 @@ from typing import Any
 import numpy as np
 
 from dfo_lora.errors import UserError
-from dfo_lora.optim.base import Optimizer, check_float, check_int, check_options
+from dfo_lora.optim.base import (
+    Optimizer,
+    check_float,
+    check_int,
+    check_options,
+    rng_from_state,
+    rng_state_dict,
+)
 from dfo_lora.optim.registry import FIREWORKS_NAMES, OPTIMIZERS
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -374,14 +381,8 @@ class Fireworks(Optimizer):
         return self._dyn_amplitude
 
     def _state(self) -> dict:
-        bg = self._rng.bit_generator.state  # {'bit_generator', 'state': {state, inc}, ...}
         return {
-            "rng_bit_generator": bg["bit_generator"],
-            # 128-bit integers as decimal strings: exact in any JSON reader
-            "rng_state": str(bg["state"]["state"]),
-            "rng_inc": str(bg["state"]["inc"]),
-            "rng_has_uint32": int(bg["has_uint32"]),
-            "rng_uinteger": int(bg["uinteger"]),
+            **rng_state_dict(self._rng),
             "fireworks": None if self._fireworks is None else self._fireworks.copy(),
             "fire_losses": None if self._fire_losses is None else self._fire_losses.copy(),
             "dynamic_amplitude": self._dyn_amplitude,
@@ -390,14 +391,7 @@ class Fireworks(Optimizer):
     def _load_state(self, state: dict, *, generation: int, pending: np.ndarray | None) -> None:
         where = f"{self.name} optimizer state"
         try:
-            if state["rng_bit_generator"] != "PCG64":
-                raise ValueError(f"bit generator {state['rng_bit_generator']!r} is not PCG64")
-            rng_state = {
-                "bit_generator": "PCG64",
-                "state": {"state": int(state["rng_state"]), "inc": int(state["rng_inc"])},
-                "has_uint32": int(state["rng_has_uint32"]),
-                "uinteger": int(state["rng_uinteger"]),
-            }
+            rng = rng_from_state(state)
             fireworks, fire_losses = state["fireworks"], state["fire_losses"]
             if (fireworks is None) != (generation == 0) or (fireworks is None) != (
                 fire_losses is None
@@ -409,8 +403,6 @@ class Fireworks(Optimizer):
                 )
                 fire_losses = np.array(fire_losses, dtype=np.float64).reshape(self.n_fireworks)
             dyn = float(state["dynamic_amplitude"])
-            rng = np.random.Generator(np.random.PCG64())
-            rng.bit_generator.state = rng_state
         except KeyError as exc:
             raise UserError(f"{where}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:

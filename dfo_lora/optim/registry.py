@@ -26,6 +26,9 @@ class OptimizerEntry:
     target: str  # "module:Class" of the implementation
     options: tuple[str, ...]  # keys of `make_optimizer(..., **options)` it takes
     help: str  # one line for `dfo-lora tune --help`
+    # False where the best candidate is a probe around the point the optimizer steps, not a
+    # state to install: the layer-wise loop must then commit its mean (`commit: mean`)
+    commits_best: bool = True
 
     def load(self) -> type:
         module, _, cls = self.target.partition(":")
@@ -84,6 +87,15 @@ _ENTRIES = (
         _FW,
         ("ca", "cr", *_FW_COMMON),
         "bare-bones Fireworks (Li & Tan 2018)",
+    ),
+    OptimizerEntry(
+        "esgrad",
+        "gradient",
+        "dfo_lora.optim.esgrad:GradientStep",
+        ("lr", "normalize"),
+        "antithetic least-squares gradient estimate, one step of length lr per generation "
+        "(needs commit: mean)",
+        commits_best=False,
     ),
 )
 

@@ -63,6 +63,20 @@ def options_for(config: TuneConfig, kind: str) -> dict:
     return dict(config.optimizer_options)
 
 
+def check_commit(config: TuneConfig) -> None:
+    """An optimizer that steps a point (esgrad) leaves the loop its mean to install: its
+    best candidate, or an elitist visit's best, is a probe around that point."""
+    for kind in optimizer_kinds(config):
+        if OPTIMIZERS[kind].commits_best:
+            continue
+        if config.elitist:
+            raise UserError(
+                f"elitist: {kind} steps its mean; an elitist visit would commit a probe"
+            )
+        if config.commit != "mean":
+            raise UserError(f"commit: {kind} steps its mean, so it needs commit: mean")
+
+
 def optimizer_index(config: TuneConfig, layer: int, round_index: int) -> int:
     """Which of the layer's optimizers (`optimizer_kinds` order) runs this visit: the
     hybrid alternates CMA-ES and Fireworks over layers (`layer`) or rounds (`round`)."""
