@@ -23,19 +23,28 @@ from dfo_lora.config import TuneConfig
 from tests.test_baselines import cli_args
 
 SPACE = dict(targets=["v", "o"], a_factor="pca", intrinsic_dim=8, alpha=0.5, sigma=0.2)
+# Every space: the method trains whichever space the run names.
+SPACES = {
+    "lora": SPACE,
+    "hydra": dict(space="hydra", intrinsic_dim=12, alpha=0.5, sigma=0.2),
+    "series": dict(space="series", adapter_down="pca", intrinsic_dim=8, alpha=0.5, sigma=0.2),
+    "parallel": dict(space="parallel", intrinsic_dim=8, alpha=0.5, sigma=0.2),
+}
 
 
-def tiny(model_dir, **overrides) -> TuneConfig:
-    values = dict(model=str(model_dir), task="sst2", test_limit=24, dtype="fp32", **SPACE)
+def tiny(model_dir, space=SPACE, **overrides) -> TuneConfig:
+    values = dict(model=str(model_dir), task="sst2", test_limit=24, dtype="fp32", **space)
     values.update(overrides)
     return TuneConfig(**values).validate()
 
 
-def test_training_forward_and_gradient_are_the_servers_objective(tiny_llama_dir, tmp_path):
-    config = tiny(tiny_llama_dir)
+@pytest.mark.parametrize("space", list(SPACES))
+def test_training_forward_and_gradient_are_the_servers_objective(space, tiny_llama_dir, tmp_path):
+    config = tiny(tiny_llama_dir, SPACES[space])
     options = get_method("subspace-gradient").resolve({"calibrate": True})
     ctx = prepare_context("subspace-gradient", config, options, tmp_path / "never")
     server = ctx.server
+    assert server.space.name == space  # the run's own space, not the plain-model LoRA
     rng = np.random.default_rng(0)
     state = 0.3 * rng.standard_normal((server.num_layers, server.dim))
 
@@ -95,13 +104,15 @@ def test_run_lowers_the_loss_and_keeps_the_selected_z(tmp_path, tiny_llama_dir, 
     assert kept["tuned"]["dev"] == devs[-1]["dev"]  # the same run, the same last state
 
 
-def test_a_space_without_lora_z_is_a_one_line_error(tmp_path, tiny_llama_dir, capsys):
+def test_a_non_lora_space_trains_through_the_cli(tmp_path, tiny_llama_dir):
+    """`--space series`: the adapters' z is trained and kept, as LoRA's is."""
+    config = tmp_path / "series.yaml"
+    config.write_text(json.dumps(SPACES["series"]))
     out = tmp_path / "run"
-    args = ["baseline", "subspace-gradient", "--model", str(tiny_llama_dir), "--quiet"]
-    config = tmp_path / "hydra.yaml"
-    config.write_text("space: hydra\n")
-    code = main([*args, "--config", str(config), "--dtype", "fp32", "--out", str(out)])
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lora only" in err[0]
-    assert not out.exists()
+    options = ["--steps", "4", "--eval-every", "2", "--lr", "0.05", "--select", "final"]
+    args = cli_args(tiny_llama_dir, "subspace-gradient", out, "--config", config, *options)
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_loss"]["last"] < results["train_loss"]["first"]
+    z = load_file(str(out / "z.safetensors"))["z"]
+    assert z.shape == (3, 8) and float(z.norm()) > 0

@@ -89,6 +89,9 @@ class Method:
     options: dict[str, Option] = field(default_factory=dict)
     uses_tune: bool = False
     needs_peft: bool = False
+    # Trains the run's own search space (any space), so the server holds that space;
+    # the others adapt the plain model and get a LoRA-space server (peft's projections).
+    own_space: bool = False
 
     def resolve(self, given: dict | None) -> dict:
         """Defaults <- given values (CLI strings or YAML values), each checked."""
@@ -131,6 +134,7 @@ def _build() -> dict[str, Method]:
             subspace_gradient.run,
             subspace_gradient.HELP,
             subspace_gradient.OPTIONS,
+            own_space=True,
         ),
         Method("mezo-lora", mezo_lora.run, mezo_lora.HELP, mezo_lora.OPTIONS, needs_peft=True),
         Method("c-lora", paper.run_c_lora, paper.HELP_C_LORA, paper.OPTIONS, uses_tune=True),

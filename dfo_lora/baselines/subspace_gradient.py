@@ -2,8 +2,9 @@
 
 The question it answers: is the forward-only search the limit, or the space it searches?
 It trains exactly the numbers the search sets, the z of every layer (L, d), through the
-same fixed maps (the run's space: `--config experiments/configs/recommended.yaml` gives
-LoRA with A fixed to the inputs' principal directions, B = map(z), d = 8 per layer), on
+same fixed maps of the run's space, whichever it is (`--space lora | hydra | series |
+parallel`; `--config experiments/configs/recommended.yaml` gives LoRA with A fixed to the
+inputs' principal directions, B = map(z), d = 8 per layer), on
 the same data, loss and calibration, with AdamW over full batches of the train split
 instead of CMA-ES. If it reaches gradient LoRA, the search is what limits the
 recommended method; if it stalls where the search stalls, the space does.
@@ -31,7 +32,6 @@ import torch
 
 from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
 from dfo_lora.baselines.registry import Option
-from dfo_lora.errors import UserError
 
 HELP = "AdamW on the run's own search space z (the space's ceiling; --config gives the space)"
 OPTIONS = {
@@ -61,8 +61,6 @@ def install(server, z: torch.Tensor) -> None:
 def run(ctx) -> dict:
     o = ctx.options
     server = ctx.server
-    if ctx.config.space != "lora":  # the baselines' server holds the LoRA space only
-        raise UserError(f"{ctx.method}: space {ctx.config.space!r} is not supported (lora only)")
     z = torch.zeros(server.num_layers, server.dim, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.AdamW([z], lr=o["lr"], weight_decay=o["weight_decay"])
     select = DevSelection(ctx.metric, last=o["select"] == "final")
