@@ -100,6 +100,7 @@ def test_help_lists_every_method_and_option(capsys):
         "calibrated",
         "icl",
         "gradient-lora",
+        "gradient",
         "subspace-gradient",
         "mezo-lora",
         "c-lora",

@@ -17,11 +17,9 @@ LoRA weights are saved as `lora.safetensors` (peft's parameter names).
 
 from __future__ import annotations
 
-import torch
-
-from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
 from dfo_lora.baselines.lora import add_lora, finish_lora_run, snapshot
 from dfo_lora.baselines.registry import Option
+from dfo_lora.baselines.training import train_adamw
 
 HELP = "LoRA trained with gradients (peft, AdamW, full batch, dev-selected): the ceiling"
 LORA_OPTIONS = {
@@ -45,29 +43,6 @@ OPTIONS = {
 def run(ctx) -> dict:
     o = ctx.options
     params = add_lora(ctx, ctx.method, o["targets"], o["rank"], o["lora_alpha"])
-    optimizer = torch.optim.AdamW(
-        [p for _, p in params], lr=o["lr"], weight_decay=o["weight_decay"]
-    )
-    select = DevSelection(ctx.metric)
-
-    def dev_check(step: int) -> None:
-        dev = ctx.evaluate("dev", o["calibrate"])
-        select.offer(dev, evals=step, step=step, state=snapshot(params))
-        ctx.log_dev({"evals": step, "step": step, "dev": dev, "best_dev": select.best})
-        bar.dev(select.best)
-
-    bar = ProgressBar(o["steps"], ctx.metric, disable=not ctx.progress)
-    dev_check(0)
-    losses: list[float] = []
-    for step in range(1, o["steps"] + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = train_loss(ctx.server, o["loss"], o["calibrate"])
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        ctx.log_step(step_record(step, losses[-1], min(losses), accuracy, ctx.started))
-        bar.step(losses[-1])
-        if step % o["eval_every"] == 0 or step == o["steps"]:
-            dev_check(step)
-    bar.close()
+    tensors = [p for _, p in params]
+    select, losses = train_adamw(ctx, tensors, o, state=lambda: snapshot(params))
     return finish_lora_run(ctx, params, select, o, losses, evaluations=o["steps"])

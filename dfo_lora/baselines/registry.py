@@ -110,6 +110,7 @@ class Method:
 
 def _build() -> dict[str, Method]:
     from dfo_lora.baselines import (
+        gradient,
         gradient_lora,
         icl,
         mezo_lora,
@@ -129,6 +130,7 @@ def _build() -> dict[str, Method]:
             gradient_lora.OPTIONS,
             needs_peft=True,
         ),
+        Method("gradient", gradient.run, gradient.HELP, gradient.OPTIONS, own_space=True),
         Method(
             "subspace-gradient",
             subspace_gradient.run,

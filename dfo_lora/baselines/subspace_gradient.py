@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
 from dfo_lora.baselines.registry import Option
+from dfo_lora.baselines.training import train_adamw
 
 HELP = "AdamW on the run's own search space z (the space's ceiling; --config gives the space)"
 OPTIONS = {
@@ -62,38 +62,20 @@ def run(ctx) -> dict:
     o = ctx.options
     server = ctx.server
     z = torch.zeros(server.num_layers, server.dim, dtype=torch.float32, requires_grad=True)
-    optimizer = torch.optim.AdamW([z], lr=o["lr"], weight_decay=o["weight_decay"])
-    select = DevSelection(ctx.metric, last=o["select"] == "final")
 
     def as_state() -> np.ndarray:
         return z.detach().double().numpy().copy()
 
-    def dev_check(step: int) -> None:
-        server.set_state(as_state())
-        dev = ctx.evaluate("dev", o["calibrate"])
-        select.offer(dev, evals=step, step=step, state=as_state())
-        ctx.log_dev({"evals": step, "step": step, "dev": dev, "best_dev": select.best})
-        bar.dev(select.best)
-
-    bar = ProgressBar(o["steps"], ctx.metric, disable=not ctx.progress)
-    dev_check(0)
-    losses: list[float] = []
-    for step in range(1, o["steps"] + 1):
-        optimizer.zero_grad(set_to_none=True)
-        install(server, z)
-        loss, accuracy = train_loss(server, o["loss"], o["calibrate"])
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        z_norm = float(z.detach().norm())
-        ctx.log_step(
-            step_record(step, losses[-1], min(losses), accuracy, ctx.started, z_norm=z_norm)
-        )
-        bar.step(losses[-1])
-        if step % o["eval_every"] == 0 or step == o["steps"]:
-            dev_check(step)
-    bar.close()
-
+    select, losses = train_adamw(
+        ctx,
+        [z],
+        o,
+        state=as_state,
+        install=lambda: install(server, z),
+        before_dev=lambda: server.set_state(as_state()),  # the server's own inference path
+        last=o["select"] == "final",
+        extras=lambda: {"z_norm": float(z.detach().norm())},
+    )
     server.set_state(select.state)
     test = ctx.evaluate("test", o["calibrate"])
     save_z(ctx.open_out() / "z.safetensors", select.state, {"method": ctx.method, **o})

@@ -140,6 +140,12 @@ class SearchSpace(ABC):
 
     tensor_names: ClassVar[tuple[str, ...]] = ()  # names of each group's tensors
 
+    def own_parameters(self, layer: int, generator: torch.Generator) -> Weights | None:
+        """Trainable fp32 weights of the space's own modules at `layer` (P = 1), at their
+        initial state (the unmodified model), for the `gradient` method; None where the
+        space has no such parameters beside z."""
+        return None
+
     def state(self) -> dict:
         """What rebuilds this space besides the run's config: its name, seed, statistics."""
         return {
@@ -204,6 +210,17 @@ class ProjectedSpace(SearchSpace):
         z = z.to(self.device, torch.float32)
         pieces = torch.split(z, self.chunk_sizes, dim=1)
         return [rowwise(p, m) for p, m in zip(pieces, self.maps(layer), strict=True)]
+
+
+def lora_pair(
+    rank: int, in_features: int, out_features: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (1, rank, in) uniform in +-1/sqrt(in) (peft's kaiming-uniform bound) and B (1, out,
+    rank) zero: a trainable low-rank pair whose product starts at zero."""
+    bound = 1.0 / np.sqrt(in_features)
+    a = (torch.rand(1, rank, in_features, generator=generator) * 2 - 1) * bound
+    b = torch.zeros(1, out_features, rank)
+    return a.requires_grad_(True), b.requires_grad_(True)
 
 
 def rowwise(z: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:

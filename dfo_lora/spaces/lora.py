@@ -23,6 +23,7 @@ from dfo_lora.spaces.base import (
     SpaceStatistics,
     StatisticsRequest,
     Weights,
+    lora_pair,
 )
 
 
@@ -95,3 +96,10 @@ class LoraSpace(LowRankSpace, SearchSpace):
 
     def weights(self, layer: int, z: torch.Tensor, dtype: torch.dtype) -> Weights:
         return self.factors(layer, z, dtype)
+
+    def own_parameters(self, layer: int, generator: torch.Generator) -> Weights:
+        """Full LoRA factors per target, rank `rank`, B = 0 (the delta B A x, scaling 1)."""
+        return {
+            s.target: lora_pair(self.config.rank, s.in_features, s.out_features, generator)
+            for s in self.shapes
+        }

@@ -31,6 +31,7 @@ from dfo_lora.spaces.base import (
     SpaceStatistics,
     StatisticsRequest,
     Weights,
+    lora_pair,
     wrap_module,
 )
 
@@ -137,6 +138,12 @@ class AdapterSpace(ProjectedSpace):
             up = pieces[per_site * i + per_site - 1].view(-1, width, m)
             out[site] = (down.to(dtype), up.to(dtype))
         return out
+
+    def own_parameters(self, layer: int, generator: torch.Generator) -> Weights:
+        """Per site down (1, m, in) uniform in +-1/sqrt(in) and up (1, out, m) zero, both
+        trained (with `adapter_down: pca` too): Adapter tuning starts at the model."""
+        m = self.config.size
+        return {site: lora_pair(m, inp, out, generator) for site, (inp, out) in self.widths.items()}
 
 
 class SeriesSpace(AdapterSpace):
