@@ -127,6 +127,8 @@ formats by space:
   lora                        peft, merged or native
   hydra, series, parallel     native only (the change depends on each token's input:
                               no fixed weight delta to merge)
+  bitfit                      native only (a bias shift: a bias-free model has no
+                              bias to merge it into)
 
   peft    a folder that PeftModel.from_pretrained(base, DIR) loads (LoRA, scaling 1;
           fused modules such as GPT-2's c_attn get B zero outside each target's slice)

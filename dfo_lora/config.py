@@ -76,12 +76,13 @@ class TuneConfig:
         "lora (the paper: z -> LoRA factors) | hydra (HydraLoRA: a shared A, hydra_heads B "
         "heads, a per-token router; not mergeable) | series (bottleneck adapters after the "
         "targets' outputs, which must write the residual stream) | parallel (a bottleneck "
-        "adapter beside each MLP)",
+        "adapter beside each MLP) | bitfit (a bias shift on each target projection's output; "
+        "not mergeable)",
     )
     targets: list[str] | None = opt(
         None,
         "adapted projections (lora, hydra); series: ones writing the residual stream "
-        "(not given: o and the MLP output); parallel: none",
+        "(not given: o and the MLP output); bitfit: any (not given: all); parallel: none",
         shown="q,k",
     )
     rank: int = opt(4, "r of every LoRA factor pair (lora, hydra)")
@@ -302,7 +303,7 @@ class TuneConfig:
         )
         if self.space == "hydra":
             values["targets"] = tuple(self.targets or DEFAULT_TARGETS)
-        elif self.space == "series":
+        elif self.space in ("series", "bitfit"):
             values["targets"] = tuple(self.targets) if self.targets else None
         return space_config(self.space, **values)
 
@@ -348,7 +349,7 @@ FIELD_TYPES = typing.get_type_hints(TuneConfig)
 
 # Options that only some spaces read (the others refuse a value other than the default).
 SPACE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "targets": ("lora", "hydra", "series"),
+    "targets": ("lora", "hydra", "series", "bitfit"),
     "rank": ("lora", "hydra"),
     "a_factor": ("lora", "hydra"),
     "b_basis": ("lora",),

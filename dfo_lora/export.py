@@ -74,6 +74,7 @@ STATE_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
     "hydra": {"A": ("rank", "in"), "B": ("heads", "out", "rank"), "router": ("heads", "in")},
     "series": {"down": ("size", "in"), "up": ("out", "size")},
     "parallel": {"down": ("size", "in"), "up": ("out", "size")},
+    "bitfit": {"bias": ("out",)},
 }
 
 
@@ -240,6 +241,8 @@ def check_mergeable(space: str, fmt: str) -> None:
             "hydra": "its router mixes the B heads per token",
             "series": "its adapters apply tanh to each token's hidden state",
             "parallel": "its adapters apply tanh to each token's hidden state",
+            "bitfit": "its bias shifts are no weight delta (Llama's projections have no bias "
+            "to merge them into)",
         }.get(space, "its change depends on the input")
         raise UserError(
             f"export: a {space} run cannot be exported as {fmt}: {why}, so it is no fixed "

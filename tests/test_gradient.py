@@ -94,3 +94,19 @@ def test_a_space_without_own_weights_is_a_one_line_error(tmp_path, tiny_llama_di
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "hydra space has no weights of its own" in err[0]
     assert not out.exists()
+
+
+def test_bitfit_trains_the_bias_shifts_from_zero(tiny_llama_dir, tmp_path):
+    """BitFit: `gradient --space bitfit` trains one shift per projection output, from 0."""
+    config = tiny(tiny_llama_dir, space="bitfit", targets=["q", "v", "down"])
+    options = get_method("gradient").resolve({**STEPS, "steps": 2})
+    ctx = prepare_context("gradient", config, options, tmp_path / "never")
+    before = ctx.server.evaluate("train")
+    params = initial_parameters(ctx)
+    assert set(params[0]) == {"q", "v", "down"}
+    (bias,) = params[0]["down"]
+    hidden = ctx.server.model.config.hidden_size  # down writes the residual stream
+    assert bias.shape == (1, hidden) and float(bias.detach().abs().max()) == 0
+    _, losses = train(ctx, params)
+    assert float(bias.detach().abs().max()) > 0
+    assert ctx.server.evaluate("train")["loss"] < before["loss"] - 1e-4

@@ -25,7 +25,16 @@ from tests.test_server_exactness import VERBALIZER, make_server, rel_err
 from tests.test_spaces import build, run_options
 from tests.tiny_models import hf_logits
 
-SPACES = ["lora", "hydra", "series", "parallel", "hydra-pca", "series-pca", "parallel-pca"]
+SPACES = [
+    "lora",
+    "hydra",
+    "series",
+    "parallel",
+    "hydra-pca",
+    "series-pca",
+    "parallel-pca",
+    "bitfit",
+]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The hydra, series and parallel spaces score exactly what a plain HF forward with the same
+"""The hydra, series, parallel and bitfit spaces score exactly what a plain HF forward with the same
 weights installed gives (hooks on a stock copy of the model), like LoRA's exactness tests:
 z = 0 is the unmodified model, a stacked population equals one forward per candidate,
 cached equals uncached; and their bad input is one line."""
@@ -19,6 +19,7 @@ from dfo_lora.lowrank.layer import add_to_columns
 from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
 from dfo_lora.spaces import (
     SPACES,
+    BitfitConfig,
     HydraConfig,
     LoraSpace,
     ParallelConfig,
@@ -43,10 +44,20 @@ def space_of(name: str, **overrides):
         return HydraConfig(**{**common, "targets": ("q", "v", "o"), "rank": 4, **overrides})
     if name == "series":
         return SeriesConfig(**{**common, "size": 4, **overrides})
+    if name == "bitfit":
+        return BitfitConfig(**{**common, **overrides})
     return ParallelConfig(**{**common, "size": 4, **overrides})
 
 
-SPACE_NAMES = ["hydra", "series", "parallel", "hydra-pca", "series-pca", "parallel-pca"]
+SPACE_NAMES = [
+    "hydra",
+    "series",
+    "parallel",
+    "hydra-pca",
+    "series-pca",
+    "parallel-pca",
+    "bitfit",
+]
 
 
 def run_options(name: str) -> dict:
@@ -81,6 +92,15 @@ def _hydra_hook(out_slice, a, b, router):
     return hook
 
 
+def _bias_hook(out_slice, bias):
+    def hook(module, args, output):
+        output = output.clone()
+        add_to_columns(output, out_slice, bias)
+        return output
+
+    return hook
+
+
 def _series_hook(down, up):
     return lambda module, args, output: output + torch.tanh(output @ down.T) @ up.T
 
@@ -101,6 +121,11 @@ def reference_logits(server, z: np.ndarray, examples) -> torch.Tensor:
                 proj = arch.projection(net, target)
                 module = layer.get_submodule(proj.module)
                 module.register_forward_hook(_hydra_hook(proj.out_slice, a, b, router))
+        elif space.name == "bitfit":
+            for target, (bias,) in weights.items():
+                proj = arch.projection(net, target)
+                module = layer.get_submodule(proj.module)
+                module.register_forward_hook(_bias_hook(proj.out_slice, bias))
         elif space.name == "series":  # down searched or fixed: weights() gives both
             for target, (down, up) in weights.items():
                 module = layer.get_submodule(arch.projection(net, target).module)
@@ -306,9 +331,9 @@ def test_pca_down_is_the_whitened_top_directions_of_what_the_site_reads(arch, na
 
 
 def test_registry_maps_configs_to_spaces():
-    assert set(SPACES) == {"lora", "hydra", "series", "parallel"}
+    assert set(SPACES) == {"lora", "hydra", "series", "parallel", "bitfit"}
     assert space_class(TuneConfig().space_config()) is LoraSpace
-    for name in ("hydra", "series", "parallel"):
+    for name in ("hydra", "series", "parallel", "bitfit"):
         config = load_config(None, {"space": name, "intrinsic_dim": 60})
         assert space_class(config.space_config()).name == name
 
@@ -317,7 +342,10 @@ def test_registry_maps_configs_to_spaces():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"space": "hydar"}, "space: 'hydar' is not one of lora, hydra, series, parallel; did you"),
+        (
+            {"space": "hydar"},
+            "space: 'hydar' is not one of lora, hydra, series, parallel, bitfit; did you",
+        ),
         ({"space": "lora", "hydra_heads": 5}, "hydra_heads: not used by the lora space"),
         ({"space": "hydra", "adapter_size": 4}, "adapter_size: not used by the hydra space"),
         ({"space": "parallel", "targets": "o"}, "targets: not used by the parallel space"),

@@ -4,6 +4,7 @@
     hydra     HydraLoRA: a shared A, N heads B_i and a per-token router per projection
     series    bottleneck adapters after residual-writing projections (o, MLP output)
     parallel  a bottleneck adapter beside each layer's MLP
+    bitfit    a bias shift on the output of each target projection (BitFit)
 
 A space is chosen by its config's type (`space_class`); `space_config` builds the config
 of a space by name from the run's values, so the server, the run config and the CLI only
@@ -25,6 +26,7 @@ from dfo_lora.spaces.base import (
     take,
     unwrap_all,
 )
+from dfo_lora.spaces.bitfit import BitfitConfig, BitfitSpace
 from dfo_lora.spaces.hydra import HydraConfig, HydraSpace
 from dfo_lora.spaces.lora import LoraSpace
 
@@ -34,6 +36,7 @@ SPACES: dict[str, tuple[type, type[SearchSpace]]] = {
     "hydra": (HydraConfig, HydraSpace),
     "series": (SeriesConfig, SeriesSpace),
     "parallel": (ParallelConfig, ParallelSpace),
+    "bitfit": (BitfitConfig, BitfitSpace),
 }
 SPACE_NAMES = tuple(SPACES)
 
@@ -71,6 +74,8 @@ def space_config(name: str, **values):
 __all__ = [
     "SPACES",
     "SPACE_NAMES",
+    "BitfitConfig",
+    "BitfitSpace",
     "HydraConfig",
     "HydraSpace",
     "LayerModules",
