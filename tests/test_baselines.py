@@ -18,9 +18,9 @@ import yaml
 from dfo_lora.baselines import get_method, methods, run_baseline
 from dfo_lora.baselines.common import train_loss
 from dfo_lora.baselines.lora import add_lora
-from dfo_lora.baselines.mezo_lora import _perturb
 from dfo_lora.baselines.paper import PAPER, paper_config
 from dfo_lora.baselines.run import prepare_context
+from dfo_lora.baselines.training import perturb
 from dfo_lora.cli import main
 from dfo_lora.config import TuneConfig
 from dfo_lora.errors import UserError
@@ -103,6 +103,7 @@ def test_help_lists_every_method_and_option(capsys):
         "gradient",
         "subspace-gradient",
         "mezo-lora",
+        "mezo",
         "c-lora",
         "f-lora",
     }
@@ -255,17 +256,14 @@ def test_lora_starts_at_the_zero_state_and_trains_through_the_server(tiny_llama_
 
 def test_mezo_perturbation_returns_to_the_same_weights():
     torch.manual_seed(0)
-    params = [
-        ("a", torch.nn.Parameter(torch.randn(8, 5))),
-        ("b", torch.nn.Parameter(torch.randn(3))),
-    ]
-    start = [p.detach().clone() for _, p in params]
+    params = [torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(3))]
+    start = [p.detach().clone() for p in params]
     with torch.no_grad():
-        _perturb(params, seed=123, scale=1e-2)
-        moved = [p.detach().clone() for _, p in params]
-        _perturb(params, seed=123, scale=-2e-2)
-        _perturb(params, seed=123, scale=1e-2)
-    for (_, p), s, m in zip(params, start, moved, strict=True):
+        perturb(params, seed=123, scale=1e-2)
+        moved = [p.detach().clone() for p in params]
+        perturb(params, seed=123, scale=-2e-2)
+        perturb(params, seed=123, scale=1e-2)
+    for p, s, m in zip(params, start, moved, strict=True):
         assert not torch.equal(m, s)
         assert torch.allclose(p, s, atol=1e-6)
 

@@ -34,7 +34,7 @@ def _flag(name: str) -> str:
 def add_baseline_parser(sub) -> None:
     parser = sub.add_parser(
         "baseline",
-        help="a baseline (zero-shot, calibrated, icl, gradient-lora, gradient, subspace-gradient, mezo-lora, c-lora, f-lora)",
+        help="a baseline (zero-shot, calibrated, icl, gradient-lora, gradient, subspace-gradient, mezo-lora, mezo, c-lora, f-lora)",
         description=(
             "Run a baseline on exactly tune's data, template, verbalizer, metric and dev "
             "selection; the output folder holds the same results.json keys as tune's."

@@ -113,6 +113,7 @@ def _build() -> dict[str, Method]:
         gradient,
         gradient_lora,
         icl,
+        mezo,
         mezo_lora,
         paper,
         subspace_gradient,
@@ -139,6 +140,7 @@ def _build() -> dict[str, Method]:
             own_space=True,
         ),
         Method("mezo-lora", mezo_lora.run, mezo_lora.HELP, mezo_lora.OPTIONS, needs_peft=True),
+        Method("mezo", mezo.run, mezo.HELP, mezo.OPTIONS, own_space=True),
         Method("c-lora", paper.run_c_lora, paper.HELP_C_LORA, paper.OPTIONS, uses_tune=True),
         Method("f-lora", paper.run_f_lora, paper.HELP_F_LORA, paper.OPTIONS_F_LORA, uses_tune=True),
     ]

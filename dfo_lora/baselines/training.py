@@ -1,4 +1,6 @@
-"""The one AdamW loop of the gradient methods (gradient-lora, gradient, subspace-gradient).
+"""The two training loops of the baselines, shared by every space: AdamW through autograd
+(gradient-lora, gradient, subspace-gradient: `train_adamw`) and MeZO's zeroth-order SGD
+(mezo-lora, mezo: `train_mezo`).
 
 Full batch: each step is one forward and backward over the whole k-shot train split
 through the server's own buckets and loss (`train_loss`), then one AdamW step. Dev is
@@ -12,12 +14,27 @@ model, given as callables:
 - `before_dev()` prepares the state a dev check scores (default: `install`);
 - `state()` is what the selection keeps (a snapshot to restore at the end);
 - `extras()` adds fields to each step's log line (subspace-gradient's ||z||).
+
+MeZO (Malladi et al., "Fine-Tuning Language Models with Just Forward Passes", 2023):
+each step draws a seed s and, with u ~ N(0, I) regenerated from s in place (never stored),
+
+    theta += eps u;  L+ = L(theta)          # forward 1
+    theta -= 2 eps u; L- = L(theta)         # forward 2, same u (same seed)
+    theta += eps u                          # back to theta
+    g = (L+ - L-) / (2 eps)                 # projected gradient
+    theta -= lr (g u + weight_decay theta)  # u regenerated from s once more
+
+`install()` runs after every change of theta (the tensors may reach the model as cast
+copies or through a space's maps). A non-finite L+ or L- skips the step's update.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
@@ -70,3 +87,95 @@ def train_adamw(
             dev_check(step)
     bar.close()
     return select, losses
+
+
+def perturb(tensors: list[torch.Tensor], seed: int, scale: float) -> None:
+    """theta += scale * u(seed), u regenerated tensor by tensor in a fixed order."""
+    gen = None
+    for p in tensors:
+        if gen is None or gen.device != p.device:
+            gen = torch.Generator(device=p.device).manual_seed(seed)
+        u = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+        p.add_(u, alpha=scale)
+
+
+def _update(tensors: list[torch.Tensor], seed: int, grad: float, lr: float, decay: float):
+    gen = None
+    for p in tensors:
+        if gen is None or gen.device != p.device:
+            gen = torch.Generator(device=p.device).manual_seed(seed)
+        u = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+        if decay:
+            p.mul_(1.0 - lr * decay)
+        p.add_(u, alpha=-lr * grad)
+
+
+def mezo_seeds(run_seed: int, steps: int) -> np.ndarray:
+    """Each step's perturbation seed, from the run's seed."""
+    return np.random.default_rng([run_seed, 2023]).integers(0, 2**62, size=steps)
+
+
+@torch.no_grad()
+def train_mezo(
+    ctx,
+    tensors: list[torch.Tensor],
+    options: dict,
+    *,
+    state: Callable[[], object],
+    install: Callable[[], None] = nothing,
+) -> tuple[DevSelection, list[float], int]:
+    """MeZO on `tensors` for `options["steps"]`; returns the selection, each step's mean of
+    L+ and L-, and the number of skipped (non-finite) steps. Two forwards per step."""
+    o = options
+    seeds = mezo_seeds(ctx.config.seed, o["steps"])
+    select = DevSelection(ctx.metric)
+    eps = o["eps"]
+    bar = ProgressBar(o["steps"], ctx.metric, disable=not ctx.progress)
+
+    def loss_now() -> tuple[float, float]:
+        install()
+        loss, accuracy = train_loss(ctx.server, o["loss"], o["calibrate"])
+        return float(loss), accuracy
+
+    def dev_check(step: int) -> None:
+        install()
+        dev = ctx.evaluate("dev", o["calibrate"])
+        select.offer(dev, evals=2 * step, step=step, state=state())
+        ctx.log_dev({"evals": 2 * step, "step": step, "dev": dev, "best_dev": select.best})
+        bar.dev(select.best)
+
+    dev_check(0)
+    losses: list[float] = []
+    skipped = 0
+    for step in range(1, o["steps"] + 1):
+        seed = int(seeds[step - 1])
+        perturb(tensors, seed, eps)
+        plus, acc_plus = loss_now()
+        perturb(tensors, seed, -2 * eps)
+        minus, acc_minus = loss_now()
+        perturb(tensors, seed, eps)
+        if math.isfinite(plus) and math.isfinite(minus):
+            _update(tensors, seed, (plus - minus) / (2 * eps), o["lr"], o["weight_decay"])
+        else:
+            skipped += 1
+        losses.append((plus + minus) / 2)
+        ctx.log_step(
+            {
+                "evals": 2 * step,
+                "step": step,
+                "popsize": 2,
+                "loss_min": min(plus, minus),
+                "loss_mean": losses[-1],
+                "best_loss": min(losses),
+                "train_acc_max": max(acc_plus, acc_minus),
+                "loss_plus": plus,
+                "loss_minus": minus,
+                "projected_grad": (plus - minus) / (2 * eps),
+                "time_s": time.perf_counter() - ctx.started,
+            }
+        )
+        bar.step(losses[-1])
+        if step % o["eval_every"] == 0 or step == o["steps"]:
+            dev_check(step)
+    bar.close()
+    return select, losses, skipped
