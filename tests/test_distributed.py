@@ -356,6 +356,23 @@ def test_cli_unreachable_address_is_one_line_exit_2(tiny_llama_dir, tmp_path):
         ({"config": {"gpus_per_server": 1.5}}, r"gpus_per_server: must be a fraction"),
         ({}, r"sweep.yaml: no runs: give grid .* and/or config"),
         ({"out": "x", "grid": {}}, r"no runs"),
+        (
+            {"rows": {"lora": {"method": "gradient-lora"}}, "grid": {"row": ["lroa"]}},
+            r"grid: row: 'lroa' is not a row \(rows: lora\); did you mean 'lora'",
+        ),
+        ({"rows": {"c": {"method": "cma"}}, "grid": {"seed": [1]}}, r"rows: given, but the grid"),
+        (
+            {"rows": {"c": {"method": "cma", "options": {"lr": 1}}}, "grid": {"row": ["c"]}},
+            r"rows: c: options are for baselines only",
+        ),
+        (
+            {
+                "rows": {"g": {"method": "gradient", "options": {"stepz": 1}}},
+                "grid": {"row": ["g"]},
+            },
+            r"rows: g: gradient: unknown option 'stepz'.*did you mean 'steps'",
+        ),
+        ({"rows": {"g": {"metod": "gradient"}}, "grid": {"row": ["g"]}}, r"rows: g: .*'metod'"),
     ],
 )
 def test_bad_sweep_files_are_one_line_errors(tmp_path, monkeypatch, content, message):

@@ -68,11 +68,13 @@ def test_quickstart_notebook_runs_end_to_end(monkeypatch, tmp_path):
 
 
 def test_every_experiment_sweep_file_loads():
-    """The sweep files under experiments/quality (benchmark, levers, spaces) are valid:
+    """The sweep files under experiments/quality (benchmark, levers, spaces) and
+    experiments/paper are valid:
     each expands to runs whose configs pass validation, so a user can resume any of them."""
     from dfo_lora.distributed.sweep import load_sweep
 
     files = sorted((ROOT / "experiments" / "quality").rglob("*.yaml"))
+    files += sorted((ROOT / "experiments" / "paper").rglob("*.yaml"))
     assert len(files) >= 6
     for path in files:
         sweep = load_sweep(path)

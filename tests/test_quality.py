@@ -287,12 +287,18 @@ def test_a_real_tune_run_records_its_machine(real_run, tmp_path):
     assert f"| cma | {100 * row['test']:.1f} (1) | {100 * row['test']:.1f} |" in out["markdown"]
 
 
+PAPER_ROWS = ["zero-shot", "calibrated", "icl", "adapter", "lora", "bitfit", "mezo-lora"]
+PAPER_ROWS += ["c-lora", "f-lora"]
+
+
 def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tmp_path):
-    """paper.yaml's layout (its methods and config), shrunk: a tiny model, 2 tasks, 2 seeds,
-    short budgets, local backend; the same summarizer reads it."""
+    """experiments/paper/table.yaml (its rows: a space and an optimizer each), shrunk: a
+    tiny model, 2 tasks, 2 seeds, short budgets, local backend; the summarizer names each
+    run by its row and prints the published reference rows beside ours."""
     from dfo_lora.distributed.sweep import load_sweep, run_sweep
 
-    paper = yaml.safe_load((ROOT / "experiments" / "quality" / "paper.yaml").read_text())
+    path = ROOT / "experiments" / "paper" / "table.yaml"
+    paper = yaml.safe_load(path.read_text())
     assert paper["grid"]["task"] == [
         "sst2",
         "yelp_polarity",
@@ -304,18 +310,12 @@ def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tm
     ]
     assert paper["grid"]["seed"] == [13, 21, 42, 87, 100]
     assert paper["grid"]["model"] == ["roberta-large"] and paper["config"]["budget"] == 8000
-    assert paper["config"]["backend"] == "ray"
-    methods = paper["grid"]["method"]
-    assert set(methods) == {
-        "cma",
-        "fwa",
-        "zero-shot",
-        "calibrated",
-        "icl",
-        "gradient-lora",
-        "mezo-lora",
-    }
-    assert len(load_sweep(ROOT / "experiments" / "quality" / "paper.yaml").runs) == 7 * 5 * 7
+    assert paper["config"]["backend"] == "ray" and paper["grid"]["row"] == PAPER_ROWS
+    runs = load_sweep(path).runs
+    assert len(runs) == 7 * 5 * len(PAPER_ROWS)
+    kinds = {r.params["row"]: (r.baseline or r.config.optimizer, r.config.space) for r in runs}
+    assert kinds["adapter"] == ("gradient", "series") and kinds["bitfit"] == ("gradient", "bitfit")
+    assert kinds["lora"] == ("gradient-lora", "lora") and kinds["c-lora"] == ("cma", "lora")
 
     tiny = dict(paper)
     tiny["out"] = str(tmp_path / "sweep")
@@ -325,35 +325,35 @@ def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tm
         "task": ["sst2", "rte"],
         "seed": [13, 42],
     }
+    short = {"steps": 2, "eval_every": 1}
+    tiny["rows"] = {
+        **paper["rows"],
+        "icl": {"method": "icl", "options": {"demos_per_class": 1}},
+        "adapter": {**paper["rows"]["adapter"], "options": short},
+        "lora": {"method": "gradient-lora", "options": short},
+        "bitfit": {**paper["rows"]["bitfit"], "options": short},
+        "mezo-lora": {"method": "mezo-lora", "options": short},
+    }
     tiny["config"] = {
         **paper["config"],
         **dict(budget=18, popsize=6, intrinsic_dim=60, eval_every=6, test_limit=16),
         **dict(dtype="fp32", backend="local", gpus_per_server=0),
-        "baseline": {
-            "icl": {"demos_per_class": 1},
-            "gradient-lora": {"steps": 2, "eval_every": 1},
-            "mezo-lora": {"steps": 2, "eval_every": 1},
-        },
     }
     sweep_file = tmp_path / "tiny.yaml"
     sweep_file.write_text(yaml.safe_dump(tiny, sort_keys=False))  # grid order = folder names
     done = run_sweep(sweep_file, echo=lambda *_: None)
-    assert done["failed"] == 0 and done["done"] == 2 * 2 * 7
+    assert done["failed"] == 0 and done["done"] == 2 * 2 * len(PAPER_ROWS)
 
     results, table, plot = outputs(tmp_path)
-    out = summarizer.summarize([tmp_path / "sweep"], results, table, plot)
-    assert out["new"] == 28 and not out["notes"]
+    reference = ROOT / "experiments" / "paper" / "reference.jsonl"
+    out = summarizer.summarize([tmp_path / "sweep"], results, table, plot, reference=reference)
+    assert out["new"] == 4 * len(PAPER_ROWS) and not out["notes"]
     rows = table_rows(out["markdown"])
-    assert list(rows) == [
-        "zero-shot",
-        "calibrated",
-        "icl",
-        "cma",
-        "fwa",
-        "mezo-lora",
-        "gradient-lora",
-    ]
-    for method, cells in rows.items():  # every cell recomputed from the runs' results.json
+    bbtv2 = "BBTv2, RoBERTa-large (DFO-LoRA paper's text) (reference)"
+    assert sorted(rows) == sorted([*PAPER_ROWS, bbtv2]) and list(rows)[-1] == bbtv2
+    assert rows[bbtv2] == ["90.3", "56.7", "73.5"]  # sst2, rte and their mean
+    for method in PAPER_ROWS:  # every cell recomputed from the runs' results.json
+        cells = rows[method]
         means = []
         for task, cell in zip(["sst2", "rte"], cells, strict=False):
             tests = []
@@ -361,13 +361,11 @@ def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tm
                 run = (
                     tmp_path
                     / "sweep"
-                    / f"model=tiny-llama*__task={task}__seed={seed}__method={method}"
+                    / f"model=tiny-llama*__task={task}__seed={seed}__row={method}"
                 )
                 (folder,) = run.parent.glob(run.name)
-                tests.append(
-                    100
-                    * json.loads((folder / "results.json").read_text())["tuned"]["test"]["accuracy"]
-                )
+                saved = json.loads((folder / "results.json").read_text())
+                tests.append(100 * saved["tuned"]["test"]["accuracy"])
             assert cell == f"{np.mean(tests):.1f} ± {np.std(tests):.1f} (2)", (method, task)
             means.append(np.mean(tests))
         assert cells[2] == f"{np.mean(means):.1f}"

@@ -41,6 +41,20 @@ run, and is skipped on a re-run once its results.json exists. Method options go 
       baseline:
         gradient-lora: {steps: 100, lr: 5.0e-4}
         mezo-lora: {steps: 500}
+
+Rows: a table whose rows are not a product (the same method on two spaces, each with
+its own options) names them under `rows:`, each a mapping of TuneConfig values (with
+`method`) and, for a baseline, `options:` that replace `config: baseline:` for that row;
+the grid's `row` axis picks them by name, and the row's name is the run's method name in
+the summarizer's tables:
+
+    rows:
+      adapter: {method: gradient, space: series, options: {lr: 1.0e-3}}
+      bitfit: {method: gradient, space: bitfit}
+      c-lora: {method: cma}
+    grid:
+      task: [sst2, rte]
+      row: [adapter, bitfit, c-lora]
 """
 
 from __future__ import annotations
@@ -58,9 +72,9 @@ from pathlib import Path
 import yaml
 
 from dfo_lora.config import TuneConfig, coerce, read_yaml_mapping
-from dfo_lora.errors import UserError
+from dfo_lora.errors import UserError, did_you_mean
 
-SWEEP_KEYS = ("out", "concurrency", "grid", "config")
+SWEEP_KEYS = ("out", "concurrency", "rows", "grid", "config")
 ALIASES = {"method": "optimizer"}
 JSONL = "sweep.jsonl"
 
@@ -116,7 +130,8 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
         )
     grid = data.get("grid") or {}
     base = data.get("config") or {}
-    for name, value in (("grid", grid), ("config", base)):
+    table_rows = data.get("rows") or {}
+    for name, value in (("grid", grid), ("config", base), ("rows", table_rows)):
         if not isinstance(value, dict):
             raise UserError(f"{path}: {name}: expected a mapping, got {type(value).__name__}")
     from dfo_lora.baselines.registry import methods, options_by_method
@@ -129,13 +144,26 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
         if key in ALIASES:
             key = ALIASES[key]
         values[key] = coerce(key, value, where=f"{path}: config: ")
+    rows = _parse_rows(path, table_rows)
     axes = []
     for key, options in grid.items():
         field = ALIASES.get(key, key)
         options = options if isinstance(options, list) else [options]
         if not options:
             raise UserError(f"{path}: grid: {key}: empty list")
+        if key == "row":
+            for name in options:
+                if str(name) not in rows:
+                    known = ", ".join(rows) or "none: give rows"
+                    raise UserError(
+                        f"{path}: grid: row: {name!r} is not a row (rows: {known})"
+                        + did_you_mean(str(name), rows)
+                    )
+            axes.append((key, [str(v) for v in options]))
+            continue
         axes.append((key, [coerce(field, v, where=f"{path}: grid: ") for v in options]))
+    if rows and "row" not in grid:
+        raise UserError(f"{path}: rows: given, but the grid has no row axis to pick them")
     root = Path(out) if out is not None else Path(data.get("out") or Path("runs") / path.stem)
     concurrency = data.get("concurrency", 0) if concurrency is None else concurrency
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 0:
@@ -149,7 +177,9 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
                 f"{path}: grid: runs {seen[name]} and {params} get the same folder name {name!r}"
             )
         seen[name] = params
-        merged = {**values, **{ALIASES.get(k, k): v for k, v in params.items()}}
+        row_values, row_options = rows.get(params.get("row"), ({}, None))
+        picked = {ALIASES.get(k, k): v for k, v in params.items() if k != "row"}
+        merged = {**values, **row_values, **picked}
         baseline = merged.get("optimizer")
         if baseline in methods():  # a baseline: its own runner, in this process
             merged.pop("optimizer")
@@ -164,11 +194,42 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
         except UserError as exc:
             raise UserError(f"{path}: run {name}: {exc}") from None
         options = dict(baselines.get(baseline, {})) if baseline else {}
+        if baseline and row_options is not None:
+            options = dict(row_options)
         runs.append(SweepRun(name, params, config, root / name, baseline, options))
     addresses = {r.config.address for r in runs if r.config.backend == "ray"}
     if len(addresses) > 1:
         raise UserError(f"{path}: address: one sweep uses one cluster, got {sorted(addresses)}")
     return Sweep(path, root, concurrency, runs)
+
+
+def _parse_rows(path: Path, table_rows: dict) -> dict[str, tuple[dict, dict | None]]:
+    """rows: name -> (TuneConfig values, the baseline's options or None), each checked."""
+    from dfo_lora.baselines.registry import get_method, methods
+
+    rows = {}
+    for name, row in table_rows.items():
+        where = f"{path}: rows: {name}: "
+        if not isinstance(row, dict):
+            raise UserError(f"{where}expected a mapping of settings, got {type(row).__name__}")
+        values, options = {}, None
+        for key, value in row.items():
+            if key == "options":
+                if not isinstance(value, dict):
+                    raise UserError(f"{where}options: expected a mapping")
+                options = dict(value)
+                continue
+            field_name = ALIASES.get(key, key)
+            values[field_name] = coerce(field_name, value, where=where)
+        if options is not None:
+            if values.get("optimizer") not in methods():
+                raise UserError(f"{where}options are for baselines only")
+            try:
+                get_method(str(values.get("optimizer"))).resolve(options)
+            except UserError as exc:
+                raise UserError(f"{where}{exc}") from None
+        rows[str(name)] = (values, options)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ Method names (the rule):
             tuning run (not a baseline), `--label` when given; else the run's sweep grid
             values other than model, task, seed and method (from sweep.jsonl), such as
             `alpha=0.02,targets=q+k+v+o`; else none.
+    A sweep with named rows (`rows:` and a grid `row` axis) names each run by its row
+    alone (`adapter`, `bitfit`, `c-lora`, ...), as the paper's table does.
 So a sweep of one setting gives `cma`, `fwa`, `gradient-lora`, ...; summarize a second
 sweep of another search setting with `--label NAME` to tell its rows apart.
 """
@@ -131,6 +133,8 @@ def method_of(results: dict, config: dict, run_dir: Path, label: str | None, gri
         variant = config.get("fwa_variant", DEFAULT_FWA_VARIANT)
         if base in ("fwa", "hybrid") and variant != DEFAULT_FWA_VARIANT:
             base = f"{base}({variant})"
+    if "row" in grid:  # a sweep's named row (sweep files' `rows:`) is the method's name
+        return str(grid["row"])
     explicit = results.get("label") or config.get("label")
     if explicit:
         return f"{base}/{explicit}"
@@ -297,7 +301,9 @@ def mean_std(values: list[float]) -> str:
     return f"{arr.mean():.1f} ± {arr.std():.1f} ({len(arr)})"
 
 
-def grid_table(rows: list[dict], value) -> str:
+def grid_table(rows: list[dict], value, reference: list[dict] | None = None) -> str:
+    """Methods x tasks; `reference` rows (published figures) follow, marked, on the same
+    tasks, never averaged into ours."""
     by_cell = cells(rows, value)
     tasks = task_order({t for _, t in by_cell})
     methods = method_order({m for m, _ in by_cell})
@@ -315,7 +321,37 @@ def grid_table(rows: list[dict], value) -> str:
                 means.append(float(np.mean(values)))
         row.append(f"{np.mean(means):.1f}" if len(means) == len(tasks) else "—")
         lines.append("| " + " | ".join(row) + " |")
+    published: dict[str, dict[str, float]] = defaultdict(dict)
+    for ref in reference or []:
+        published[ref["method"]][ref["task"]] = 100.0 * ref["test"]
+    for method, figures in published.items():
+        row = [f"{method} (reference)"] + [
+            f"{figures[t]:.1f}" if t in figures else "—" for t in tasks
+        ]
+        all_there = all(t in figures for t in tasks)
+        row.append(f"{np.mean([figures[t] for t in tasks]):.1f}" if all_there else "—")
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def load_reference(path: Path | None) -> list[dict]:
+    """Published figures, one JSON object per line: method, task, test (a fraction), source."""
+    if path is None:
+        return []
+    if not path.is_file():
+        raise UserError(f"{path}: no such reference file")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append(
+                {"method": str(row["method"]), "task": str(row["task"]), "test": float(row["test"])}
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path}: line {number}: not a reference row ({exc})") from None
+    return rows
 
 
 def cost_table(rows: list[dict]) -> str:
@@ -347,7 +383,9 @@ def plot_paths(groups: dict, plot: Path) -> dict[tuple, Path]:
     }
 
 
-def markdown(rows: list[dict], plots: dict[tuple, Path] | None = None) -> str:
+def markdown(
+    rows: list[dict], plots: dict[tuple, Path] | None = None, reference: list[dict] | None = None
+) -> str:
     groups = groups_of(rows)
     parts = []
     for group, members in groups.items():
@@ -359,7 +397,7 @@ def markdown(rows: list[dict], plots: dict[tuple, Path] | None = None) -> str:
             + (f"CPU: {', '.join(cpus)}. " if cpus else "")
             + f"Test {' / '.join(metrics)} in %: mean ± std over seeds (number of seeds); "
             "average = mean over the tasks of the per-task means.\n\n"
-            + grid_table(members, lambda r: r["test"])
+            + grid_table(members, lambda r: r["test"], reference)
         )
         if any(r.get("calibrated_test") is not None for r in members):
             parts.append(
@@ -433,7 +471,9 @@ def summarize(
     plot_file: Path,
     label: str | None = None,
     machine: str | None = None,
+    reference: Path | None = None,
 ) -> dict:
+    published = load_reference(reference)
     new, notes = collect(folders, label)
     rows = merge(load_rows(results), new)
     save_rows(results, rows)
@@ -444,7 +484,7 @@ def summarize(
             + (f" on a machine matching {machine!r}" if machine else "")
         )
     plots = plot_paths(groups_of(shown), plot_file)
-    text = markdown(shown, plots)
+    text = markdown(shown, plots, published)
     write_atomic(table, text.encode())
     written = plot(shown, plot_file)
     return {"rows": len(rows), "new": len(new), "notes": notes, "markdown": text, "plots": written}
@@ -458,9 +498,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=HERE / "plot.png")
     parser.add_argument("--label", help="label of the tuning runs' method names (see above)")
     parser.add_argument("--machine", help="tabulate only machines whose description has this")
+    parser.add_argument(
+        "--reference", type=Path, help="published figures (JSONL) printed beside ours"
+    )
     args = parser.parse_args(argv)
     try:
-        out = summarize(args.folders, args.results, args.table, args.plot, args.label, args.machine)
+        out = summarize(
+            args.folders,
+            args.results,
+            args.table,
+            args.plot,
+            args.label,
+            args.machine,
+            args.reference,
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
