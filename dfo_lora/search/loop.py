@@ -18,6 +18,8 @@ start (the zero state, i.e. zero-shot); the state with the best dev metric (ties
 dev loss, then earlier) is kept, and test is scored once at the end with it. Because the
 zero state competes, the tuned state is never worse than zero-shot on dev.
 
+`run` goes round by round; `_visit` runs one layer's visit (from a checkpointed position:
+generations, commit, dev check, checkpoint) and `_generation` one ask / score / tell.
 The loop only talks to the server through score/commit/set_state/get_state/evaluate/
 info, so the same loop drives an in-process server or Ray actors.
 """
@@ -68,6 +70,14 @@ def _better(metrics: dict, best: dict | None, metric: str, select: str = "metric
     if metrics[metric] != best[metric]:
         return metrics[metric] > best[metric]
     return metrics["loss"] < best["loss"]
+
+
+def shaped(losses: np.ndarray, candidates: np.ndarray, z_penalty: float) -> np.ndarray:
+    """What the optimizer is told: the train losses plus `z_penalty` * mean(z^2) per
+    candidate (0 by default; not logged). Non-finite losses pass through as they are:
+    every optimizer's `tell` counts NaN and +-inf as the worst loss (optim/base.py), and
+    esgrad drops the pairs that hold one."""
+    return losses + z_penalty * np.mean(np.square(candidates), axis=1)
 
 
 def _fresh_visit() -> dict:
@@ -215,67 +225,77 @@ class LayerwiseSearch:
             self._dev_check(dev=self.zero_shot["dev"])
         for cb in self.callbacks:
             cb.on_start(self.total_evals, pos.evals)
-        last_checkpoint = time.perf_counter()
+        self._last_checkpoint = time.perf_counter()
         while pos.round < self.rounds:
             order = layer_order(config, self.layers, pos.round)
             while pos.visit < len(order):
-                layer = order[pos.visit]
-                basis = self.subspace(layer, pos.round)
-                if basis is not None and pos.generation == 0:  # a fresh optimizer per visit
-                    self._renew_optimizer(layer, pos.round)
-                opt = self.optimizer_for(layer, pos.round)
-                anchor = self.server.get_state()[layer] if basis is not None else None
-                while pos.generation < config.generations_per_visit:
-                    asked = opt.ask()
-                    candidates = asked if basis is None else anchor + asked @ basis.T
-                    batch = candidates
-                    if config.elitist and pos.generation == 0:  # the layer's current z, last
-                        batch = np.vstack([candidates, self.server.get_state()[layer][None]])
-                    scored = self.server.score(layer, batch)
-                    losses = np.asarray(scored["loss"], dtype=np.float64)
-                    if len(batch) > len(candidates):
-                        self.visit["current_loss"] = float(losses[-1])
-                    losses = losses[: len(candidates)]
-                    # decay on z (0 by default): told to the optimizer, not logged
-                    penalty = config.z_penalty * np.mean(np.square(candidates), axis=1)
-                    opt.tell(asked, losses + penalty)
-                    self._track_visit_best(candidates, losses)
-                    pos.evals += len(batch)
-                    pos.generation += 1
-                    finite = losses[np.isfinite(losses)]
-                    record = {
-                        "evals": pos.evals,
-                        "round": pos.round,
-                        "layer": layer,
-                        "popsize": len(candidates),
-                        "loss_min": float(finite.min()) if finite.size else None,
-                        "loss_mean": float(finite.mean()) if finite.size else None,
-                        "nonfinite": int(losses.size - finite.size),
-                        "train_acc_max": float(np.max(scored["accuracy"][: len(candidates)])),
-                        "best_loss": float(opt.best[1]),
-                        "time_s": self.elapsed_before + time.perf_counter() - self._started,
-                    }
-                    if config.elitist:
-                        record["current_loss"] = self.visit["current_loss"]
-                    self._emit("on_generation", record)
-                    if (
-                        pos.generation < config.generations_per_visit
-                        and self.checkpoint
-                        and time.perf_counter() - last_checkpoint >= config.checkpoint_every_s
-                    ):
-                        self.checkpoint(self.state_dict())
-                        last_checkpoint = time.perf_counter()
-                self._commit(layer, opt, anchor, basis)
-                pos.visit += 1
-                pos.generation = 0
-                self.visit = _fresh_visit()
-                self._dev_check()
-                if self.checkpoint:
-                    self.checkpoint(self.state_dict())
-                    last_checkpoint = time.perf_counter()
+                self._visit(order[pos.visit])
             pos.round += 1
             pos.visit = 0
         return self._finish()
+
+    def _visit(self, layer: int) -> None:
+        """The rest of one layer's visit: its generations from `position`, then the commit,
+        the dev check and a checkpoint."""
+        config, pos = self.config, self.position
+        basis = self.subspace(layer, pos.round)
+        if basis is not None and pos.generation == 0:  # a fresh optimizer per visit
+            self._renew_optimizer(layer, pos.round)
+        opt = self.optimizer_for(layer, pos.round)
+        anchor = self.server.get_state()[layer] if basis is not None else None
+        while pos.generation < config.generations_per_visit:
+            self._generation(layer, opt, anchor, basis)
+            if (
+                pos.generation < config.generations_per_visit
+                and self.checkpoint
+                and time.perf_counter() - self._last_checkpoint >= config.checkpoint_every_s
+            ):
+                self._save_checkpoint()
+        self._commit(layer, opt, anchor, basis)
+        pos.visit += 1
+        pos.generation = 0
+        self.visit = _fresh_visit()
+        self._dev_check()
+        if self.checkpoint:
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        self.checkpoint(self.state_dict())
+        self._last_checkpoint = time.perf_counter()
+
+    def _generation(self, layer: int, opt, anchor, basis) -> None:
+        """One ask / score / tell of `layer`'s optimizer, and its log line."""
+        config, pos = self.config, self.position
+        asked = opt.ask()
+        candidates = asked if basis is None else anchor + asked @ basis.T
+        batch = candidates
+        if config.elitist and pos.generation == 0:  # the layer's current z, last
+            batch = np.vstack([candidates, self.server.get_state()[layer][None]])
+        scored = self.server.score(layer, batch)
+        losses = np.asarray(scored["loss"], dtype=np.float64)
+        if len(batch) > len(candidates):
+            self.visit["current_loss"] = float(losses[-1])
+        losses = losses[: len(candidates)]
+        opt.tell(asked, shaped(losses, candidates, config.z_penalty))
+        self._track_visit_best(candidates, losses)
+        pos.evals += len(batch)
+        pos.generation += 1
+        finite = losses[np.isfinite(losses)]
+        record = {
+            "evals": pos.evals,
+            "round": pos.round,
+            "layer": layer,
+            "popsize": len(candidates),
+            "loss_min": float(finite.min()) if finite.size else None,
+            "loss_mean": float(finite.mean()) if finite.size else None,
+            "nonfinite": int(losses.size - finite.size),
+            "train_acc_max": float(np.max(scored["accuracy"][: len(candidates)])),
+            "best_loss": float(opt.best[1]),
+            "time_s": self.elapsed_before + time.perf_counter() - self._started,
+        }
+        if config.elitist:
+            record["current_loss"] = self.visit["current_loss"]
+        self._emit("on_generation", record)
 
     def _track_visit_best(self, candidates: np.ndarray, losses: np.ndarray) -> None:
         if not self.config.elitist:
