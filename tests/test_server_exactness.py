@@ -363,3 +363,22 @@ def test_calibrated_scoring_and_evaluation_match_reference():
     plain = EvaluationServer(backbone, splits, VERBALIZER, space=space)
     plain.commit(0, server.get_state()[0])
     assert not np.allclose(plain.score(1, cands)["loss"], got["loss"])
+
+
+def test_both_servers_implement_the_search_interface():
+    """The search drives any server through `SearchServer`: the in-process server is one
+    (runtime check), and the Ray backend's RemoteServer has the same calls with the same
+    parameters, so the loop cannot come to depend on a call one of them lacks."""
+    import inspect
+
+    from dfo_lora.distributed.servers import RemoteServer
+    from dfo_lora.server import SearchServer
+
+    server, _ = make_server("llama", ("q", "v"))
+    assert isinstance(server, SearchServer)
+    calls = [n for n, f in vars(SearchServer).items() if inspect.isfunction(f) and n[0] != "_"]
+    assert sorted(calls) == ["commit", "evaluate", "get_state", "info", "score", "set_state"]
+    for cls in (EvaluationServer, RemoteServer):
+        for name in calls:
+            want = list(inspect.signature(getattr(SearchServer, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls, name)

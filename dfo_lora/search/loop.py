@@ -47,6 +47,7 @@ from dfo_lora.search.policy import (
 
 if TYPE_CHECKING:
     from dfo_lora.config import TuneConfig
+    from dfo_lora.server.protocol import SearchServer
 
 CHECKPOINT_VERSION = 1
 
@@ -97,7 +98,7 @@ class LayerwiseSearch:
 
     def __init__(
         self,
-        server,
+        server: SearchServer,
         config: TuneConfig,
         metric: str,
         callbacks: list[Callback] | None = None,
