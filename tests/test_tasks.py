@@ -698,3 +698,28 @@ def test_metrics():
     assert "not one of" in user_error(compute_metric, "auc", [0], [0])
     with pytest.raises(ValueError):
         compute_metric("accuracy", [0, 1], [0])
+
+
+def test_the_task_modules_import_without_cycles():
+    """dfo_lora.tasks' modules import each other in one direction (lazy imports too), so
+    any of them can be imported first."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+
+    folder = Path(__file__).resolve().parents[1] / "dfo_lora" / "tasks"
+    graph = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {
+            node.module.rpartition(".")[2]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("dfo_lora.tasks.")
+        }
+    assert graph["sampling"] >= {"permutation", "custom", "loaders"}
+    try:
+        list(TopologicalSorter(graph).static_order())
+    except CycleError as exc:  # pragma: no cover - the failure message
+        raise AssertionError(f"import cycle among dfo_lora.tasks modules: {exc.args[1]}") from None

@@ -9,17 +9,13 @@ Typical use::
     label_ids = verbalizer_ids(data.spec, tokenizer, causal=True)
 """
 
-from dfo_lora.tasks.custom import load_task_file
+from dfo_lora.tasks.custom import load_task_file, resolve_task
 from dfo_lora.tasks.encoding import EncodedExample, encode, render, verbalizer_ids
 from dfo_lora.tasks.loaders import Splits, default_data_dir, load_splits, read_examples
 from dfo_lora.tasks.metrics import compute_metric
 from dfo_lora.tasks.mr import default_cache_dir, ensure_mr
-from dfo_lora.tasks.sampling import (
-    FewShotData,
-    build_few_shot,
-    sample_few_shot,
-    stable_permutation,
-)
+from dfo_lora.tasks.permutation import stable_permutation
+from dfo_lora.tasks.sampling import FewShotData, build_few_shot, sample_few_shot
 from dfo_lora.tasks.spec import (
     Example,
     FileSource,
@@ -27,7 +23,6 @@ from dfo_lora.tasks.spec import (
     TaskSpec,
     get_task,
     list_tasks,
-    resolve_task,
 )
 
 __all__ = [

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from dfo_lora.errors import UserError, did_you_mean
-from dfo_lora.tasks.spec import FileSource, TaskSpec, validate_spec
+from dfo_lora.tasks.spec import FileSource, TaskSpec, get_task, validate_spec
 
 _TOP_KEYS = (
     "name",
@@ -179,3 +179,12 @@ def load_task_file(path: str | os.PathLike) -> TaskSpec:
             else f"{where}: 'data.text_b' is set but the templates do not use {{text_b}}"
         )
     return spec
+
+
+def resolve_task(task: str | TaskSpec) -> TaskSpec:
+    """A TaskSpec from a spec, a registered name, or a path to a YAML task file."""
+    if isinstance(task, TaskSpec):
+        return task
+    if task.endswith((".yaml", ".yml")) or ("/" in task and Path(task).is_file()):
+        return load_task_file(task)
+    return get_task(task)

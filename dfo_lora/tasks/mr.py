@@ -7,7 +7,7 @@ positive half of the Rotten Tomatoes polarity set (label 1), IDs 5332-10605 the 
 (label 0). The file is UTF-8 (decoded with a cp1252 / latin-1 fallback in case a copy is not).
 
 Split (fixed, independent of any few-shot seed): all rows in file order are shuffled with
-seed 0 (`sampling.stable_permutation(0, n)`: raw 64-bit outputs of PCG64 - the bit
+seed 0 (`permutation.stable_permutation(0, n)`: raw 64-bit outputs of PCG64 - the bit
 generator of `default_rng(0)` - used as sort keys, identical on every machine and numpy
 version); the first 2,000 are `test.jsonl`, the remaining 8,605 are `train.jsonl` (the
 few-shot pool). Rows keep that shuffled order. Files are in the
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dfo_lora.errors import UserError
 from dfo_lora.fileio import create_temp_dir
-from dfo_lora.tasks.sampling import stable_permutation
+from dfo_lora.tasks.permutation import stable_permutation
 
 PACKAGE = "vaderSentiment==3.3.2"
 INNER_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"

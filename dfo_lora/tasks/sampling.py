@@ -25,19 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dfo_lora.errors import UserError
+from dfo_lora.tasks.custom import resolve_task
 from dfo_lora.tasks.loaders import load_splits
-from dfo_lora.tasks.spec import Example, TaskSpec, resolve_task
-
-
-def _permute(bitgen: np.random.PCG64, n: int) -> np.ndarray:
-    """A permutation of range(n) from n raw outputs of `bitgen` (version-stable)."""
-    keys = np.asarray(bitgen.random_raw(n), dtype=np.uint64).reshape(n)
-    return np.argsort(keys, kind="stable")
-
-
-def stable_permutation(seed: int, n: int) -> np.ndarray:
-    """A permutation of range(n) determined by `seed` alone, on any machine."""
-    return _permute(np.random.PCG64(seed), n)
+from dfo_lora.tasks.permutation import permute, stable_permutation
+from dfo_lora.tasks.spec import Example, TaskSpec
 
 
 def _check_seed(seed: object) -> int:
@@ -80,11 +71,11 @@ def _sample_indices(
                 f"{prefix}class {name} has {len(indices)} examples in the pool; "
                 f"k={k} needs {2 * k} ({k} train + {k} dev)"
             )
-        order = _permute(bitgen, len(indices))
+        order = permute(bitgen, len(indices))
         train.extend(indices[j] for j in order[:k])
         dev.extend(indices[j] for j in order[k : 2 * k])
-    train = [train[j] for j in _permute(bitgen, len(train))]
-    dev = [dev[j] for j in _permute(bitgen, len(dev))]
+    train = [train[j] for j in permute(bitgen, len(train))]
+    dev = [dev[j] for j in permute(bitgen, len(dev))]
     return train, dev
 
 

@@ -457,14 +457,3 @@ def get_task(name: str) -> TaskSpec:
 def list_tasks() -> list[TaskSpec]:
     """All registered tasks, in registry order (the paper's seven first)."""
     return list(_REGISTRY.values())
-
-
-def resolve_task(task: str | TaskSpec) -> TaskSpec:
-    """A TaskSpec from a spec, a registered name, or a path to a YAML task file."""
-    if isinstance(task, TaskSpec):
-        return task
-    if task.endswith((".yaml", ".yml")) or ("/" in task and Path(task).is_file()):
-        from dfo_lora.tasks.custom import load_task_file
-
-        return load_task_file(task)
-    return get_task(task)
