@@ -324,7 +324,8 @@ def gradient_step(server: EvaluationServer, seed: int) -> dict | None:
     from types import SimpleNamespace
 
     from dfo_lora.baselines.common import train_loss
-    from dfo_lora.baselines.lora import add_lora, require_peft
+    from dfo_lora.baselines.lora import add_lora
+    from dfo_lora.extras import require_peft
 
     try:
         require_peft("bench")

@@ -148,12 +148,6 @@ def check_state_tensors(
             raise UserError(f"{path}: {prefix}{layer}.{group} has no {missing} tensor")
 
 
-def layer_prefix(model: nn.Module, arch) -> str:
-    """The dotted name of the model's layer list (`model.layers`, `transformer.h`, ...)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return names[id(arch.layers(model))]
-
-
 def merge_into(model: nn.Module, arch, factors: Factors) -> None:
     """Add every B @ A into the model's weights (fused modules: into the target's slice)."""
     from dfo_lora.lowrank import merge_delta
@@ -166,6 +160,7 @@ def merge_into(model: nn.Module, arch, factors: Factors) -> None:
 
 def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
     """(target module names, {module: (A, B)} of the fused LoRA per module, rank pattern)."""
+    from dfo_lora.backbone.registry import layer_prefix
     from dfo_lora.lowrank.layer import out_columns, projection_shape
 
     prefix = layer_prefix(model, arch)
@@ -310,7 +305,7 @@ def lora_writer(fmt: str, tensors: dict[str, np.ndarray], config):
 
     check_mergeable(config.space, fmt)
     if fmt == "peft":
-        from dfo_lora.baselines.lora import require_peft
+        from dfo_lora.extras import require_peft
 
         require_peft("export --format peft")
     factors = read_factors(tensors)

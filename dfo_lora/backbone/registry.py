@@ -434,3 +434,9 @@ def mlp_site(arch: Architecture, layer: nn.Module) -> MlpSite:
         f"space parallel: no MLP site is known for {arch.name} "
         "(add one to MLP_SITES in dfo_lora/backbone/registry.py)"
     )
+
+
+def layer_prefix(model: nn.Module, arch) -> str:
+    """The dotted name of the model's layer list (`model.layers`, `transformer.h`, ...)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(arch.layers(model))]

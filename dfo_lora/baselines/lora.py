@@ -20,29 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfo_lora.backbone.registry import layer_prefix
 from dfo_lora.errors import UserError
+from dfo_lora.extras import require_peft
 from dfo_lora.lowrank import AdaptedProjection
-
-EXTRA = "baselines"  # pip install 'dfo-lora[baselines]' (make setup installs it)
-
-
-def require_peft(method: str):
-    """The peft module, or a one-line error naming the extra that installs it."""
-    try:
-        import peft
-    except ImportError:
-        raise UserError(
-            f"{method} needs the peft package: pip install 'dfo-lora[{EXTRA}]' "
-            "(or pip install peft; make setup installs it)"
-        ) from None
-    return peft
 
 
 def lora_modules(server, targets: list[str]) -> tuple[list[str], list[str]]:
     """Full module names to adapt (every layer x target) and notes on fused modules."""
     model, arch = server.model, server.arch
-    from dfo_lora.export import layer_prefix
-
     prefix = layer_prefix(model, arch)
     names: list[str] = []
     fused: dict[str, list[str]] = {}

@@ -6,10 +6,10 @@ import dataclasses
 from pathlib import Path
 
 from dfo_lora.baselines.common import Context
-from dfo_lora.baselines.lora import require_peft
 from dfo_lora.baselines.registry import get_method
 from dfo_lora.config import TuneConfig
 from dfo_lora.errors import UserError
+from dfo_lora.extras import require_peft
 
 
 def default_out(method: str, config: TuneConfig) -> Path:
