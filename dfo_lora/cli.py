@@ -38,6 +38,7 @@ GROUPS = {
         "rank",
         "hydra_heads",
         "adapter_size",
+        "prompt_length",
         "adapter_down",
         "intrinsic_dim",
         "alpha",
@@ -129,6 +130,7 @@ formats by space:
                               no fixed weight delta to merge)
   bitfit                      native only (a bias shift: a bias-free model has no
                               bias to merge it into)
+  prompt, deep-prompt         native only (prompt tokens go in front of the input)
 
   peft    a folder that PeftModel.from_pretrained(base, DIR) loads (LoRA, scaling 1;
           fused modules such as GPT-2's c_attn get B zero outside each target's slice)

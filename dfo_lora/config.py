@@ -77,7 +77,8 @@ class TuneConfig:
         "heads, a per-token router; not mergeable) | series (bottleneck adapters after the "
         "targets' outputs, which must write the residual stream) | parallel (a bottleneck "
         "adapter beside each MLP) | bitfit (a bias shift on each target projection's output; "
-        "not mergeable)",
+        "not mergeable) | prompt (BBT: prompt_length prompt tokens in front, their input "
+        "shifted; --layers 0) | deep-prompt (BBTv2: the same prompt shifted at every layer)",
     )
     targets: list[str] | None = opt(
         None,
@@ -88,6 +89,7 @@ class TuneConfig:
     rank: int = opt(4, "r of every LoRA factor pair (lora, hydra)")
     hydra_heads: int = opt(3, "hydra: N, the B heads mixed per token by the router")
     adapter_size: int = opt(8, "series, parallel: bottleneck width of each adapter")
+    prompt_length: int = opt(50, "prompt, deep-prompt: prompt tokens in front of every input")
     adapter_down: str = opt(
         "searched",
         "series, parallel: searched (z -> down and up) | pca: down fixed to the top "
@@ -241,6 +243,12 @@ class TuneConfig:
         if self.test_limit is not None and self.test_limit <= 0:
             raise UserError(f"test_limit: must be positive, got {self.test_limit}")
         parse_layers(self.layers, None)
+        if self.space == "prompt" and parse_layers(self.layers, None) != [0]:
+            raise UserError(
+                f"layers: the prompt space (BBT) shifts the first layer's input only, so it "
+                f"searches layer 0: give --layers 0 (got {self.layers!r}; deep-prompt has a "
+                "prompt at every layer)"
+            )
         self._validate_space_options()
         self.space_config().validate()
         self._validate_optimizer_options()
@@ -296,6 +304,7 @@ class TuneConfig:
             a_factor=self.a_factor,
             size=self.adapter_size,
             down=self.adapter_down,
+            length=self.prompt_length,
             intrinsic_dim=self.intrinsic_dim,
             alpha=self.alpha,
             sigma=self.sigma,
@@ -357,6 +366,7 @@ SPACE_OPTIONS: dict[str, tuple[str, ...]] = {
     "hydra_heads": ("hydra",),
     "adapter_size": ("series", "parallel"),
     "adapter_down": ("series", "parallel"),
+    "prompt_length": ("prompt", "deep-prompt"),
 }
 assert all(s in SPACE_NAMES for spaces in SPACE_OPTIONS.values() for s in spaces)
 

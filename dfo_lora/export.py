@@ -75,6 +75,8 @@ STATE_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
     "series": {"down": ("size", "in"), "up": ("out", "size")},
     "parallel": {"down": ("size", "in"), "up": ("out", "size")},
     "bitfit": {"bias": ("out",)},
+    "prompt": {"shift": ("length", "out")},
+    "deep-prompt": {"shift": ("length", "out")},
 }
 
 
@@ -236,6 +238,8 @@ def check_mergeable(space: str, fmt: str) -> None:
             "hydra": "its router mixes the B heads per token",
             "series": "its adapters apply tanh to each token's hidden state",
             "parallel": "its adapters apply tanh to each token's hidden state",
+            "prompt": "it adds prompt tokens in front of the input",
+            "deep-prompt": "it adds prompt tokens in front of the input",
             "bitfit": "its bias shifts are no weight delta (Llama's projections have no bias "
             "to merge them into)",
         }.get(space, "its change depends on the input")

@@ -110,3 +110,18 @@ def test_bitfit_trains_the_bias_shifts_from_zero(tiny_llama_dir, tmp_path):
     _, losses = train(ctx, params)
     assert float(bias.detach().abs().max()) > 0
     assert ctx.server.evaluate("train")["loss"] < before["loss"] - 1e-4
+
+
+def test_deep_prompt_trains_its_shifts_p_tuning_v2(tiny_llama_dir, tmp_path):
+    """P-Tuning v2 in the additive form: `gradient --space deep-prompt` trains one prompt
+    shift (n, H) per layer from zero, on inputs with the prompt tokens in front."""
+    config = tiny(tiny_llama_dir, space="deep-prompt", prompt_length=3)
+    options = get_method("gradient").resolve({**STEPS, "steps": 2})
+    ctx = prepare_context("gradient", config, options, tmp_path / "never")
+    before = ctx.server.evaluate("train")
+    params = initial_parameters(ctx)
+    hidden = ctx.server.model.config.hidden_size
+    assert [tuple(p["prompt"][0].shape) for p in params] == [(1, 3, hidden)] * 3
+    train(ctx, params)
+    assert all(float(p["prompt"][0].detach().abs().max()) > 0 for p in params)
+    assert ctx.server.evaluate("train")["loss"] < before["loss"] - 1e-4

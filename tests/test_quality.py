@@ -287,8 +287,8 @@ def test_a_real_tune_run_records_its_machine(real_run, tmp_path):
     assert f"| cma | {100 * row['test']:.1f} (1) | {100 * row['test']:.1f} |" in out["markdown"]
 
 
-PAPER_ROWS = ["zero-shot", "calibrated", "icl", "adapter", "lora", "bitfit", "mezo-lora"]
-PAPER_ROWS += ["c-lora", "f-lora"]
+PAPER_ROWS = ["zero-shot", "calibrated", "icl", "adapter", "lora", "bitfit", "p-tuning-v2"]
+PAPER_ROWS += ["bbt", "bbtv2", "mezo-lora", "c-lora", "f-lora"]
 
 
 def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tmp_path):
@@ -316,6 +316,8 @@ def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tm
     kinds = {r.params["row"]: (r.baseline or r.config.optimizer, r.config.space) for r in runs}
     assert kinds["adapter"] == ("gradient", "series") and kinds["bitfit"] == ("gradient", "bitfit")
     assert kinds["lora"] == ("gradient-lora", "lora") and kinds["c-lora"] == ("cma", "lora")
+    assert kinds["bbt"] == ("cma", "prompt") and kinds["bbtv2"] == ("cma", "deep-prompt")
+    assert kinds["p-tuning-v2"] == ("gradient", "deep-prompt")
 
     tiny = dict(paper)
     tiny["out"] = str(tmp_path / "sweep")
@@ -332,6 +334,10 @@ def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tm
         "adapter": {**paper["rows"]["adapter"], "options": short},
         "lora": {"method": "gradient-lora", "options": short},
         "bitfit": {**paper["rows"]["bitfit"], "options": short},
+        # a short prompt: the tiny model holds 64 positions
+        "p-tuning-v2": {**paper["rows"]["p-tuning-v2"], "prompt_length": 3, "options": short},
+        "bbt": {**paper["rows"]["bbt"], "prompt_length": 3},
+        "bbtv2": {**paper["rows"]["bbtv2"], "prompt_length": 3},
         "mezo-lora": {"method": "mezo-lora", "options": short},
     }
     tiny["config"] = {

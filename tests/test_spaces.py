@@ -20,9 +20,11 @@ from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
 from dfo_lora.spaces import (
     SPACES,
     BitfitConfig,
+    DeepPromptConfig,
     HydraConfig,
     LoraSpace,
     ParallelConfig,
+    PromptConfig,
     SeriesConfig,
     space_class,
     unwrap_all,
@@ -36,7 +38,7 @@ RTOL = 1e-4
 def space_of(name: str, **overrides):
     """A space config by test name: "hydra", "series", "parallel", or a space with a fixed
     factor: hydra's A ("hydra-pca"), the adapters' down ("series-pca" / "parallel-pca")."""
-    name, _, fixed = name.partition("-")
+    name, _, fixed = name.partition("-") if name != "deep-prompt" else (name, "", "")
     if fixed:
         overrides = {"a_factor" if name == "hydra" else "down": fixed, **overrides}
     common = dict(intrinsic_dim=40, alpha=3.0, sigma=1.0, seed=3)
@@ -46,6 +48,9 @@ def space_of(name: str, **overrides):
         return SeriesConfig(**{**common, "size": 4, **overrides})
     if name == "bitfit":
         return BitfitConfig(**{**common, **overrides})
+    if name in ("prompt", "deep-prompt"):
+        kind = PromptConfig if name == "prompt" else DeepPromptConfig
+        return kind(**{**common, "length": 3, **overrides})
     return ParallelConfig(**{**common, "size": 4, **overrides})
 
 
@@ -57,12 +62,20 @@ SPACE_NAMES = [
     "series-pca",
     "parallel-pca",
     "bitfit",
+    "prompt",
+    "deep-prompt",
 ]
 
 
 def run_options(name: str) -> dict:
     """The TuneConfig values of a test name: {"space": "hydra", "a_factor": "pca"}, ..."""
-    space, _, fixed = name.partition("-")
+    space, _, fixed = name.partition("-") if name != "deep-prompt" else (name, "", "")
+    if space in ("prompt", "deep-prompt"):  # a short prompt: the tiny models hold 64 tokens
+        return {
+            "space": space,
+            "prompt_length": 3,
+            **({"layers": "0"} if space == "prompt" else {}),
+        }
     if not fixed:
         return {"space": space}
     return {"space": space, ("a_factor" if space == "hydra" else "adapter_down"): fixed}
@@ -105,11 +118,31 @@ def _series_hook(down, up):
     return lambda module, args, output: output + torch.tanh(output @ down.T) @ up.T
 
 
+def _prompt_hook(shift):
+    def hook(module, args, kwargs):
+        if args:
+            hidden = args[0].clone()
+            hidden[:, : shift.shape[0]] += shift
+            return (hidden, *args[1:]), kwargs
+        hidden = kwargs["hidden_states"].clone()
+        hidden[:, : shift.shape[0]] += shift
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
+
+
+def scored(server, examples):
+    """The examples as the server scores them (a prompt space's tokens in front)."""
+    config = server.space.config
+    return space_class(config).prepare_examples(config, server.model, examples)
+
+
 def reference_logits(server, z: np.ndarray, examples) -> torch.Tensor:
     """Stock HF forwards of a copy of the model, each layer's weights of z installed by
     plain forward hooks (one example at a time, no stacking, no cache)."""
     net = unwrap_all(copy.deepcopy(server.model))
     arch, space = server.arch, server.space
+    examples = scored(server, examples)
     layers = arch.layers(net)
     for index, layer in enumerate(layers):
         if not np.any(z[index]):
@@ -121,6 +154,9 @@ def reference_logits(server, z: np.ndarray, examples) -> torch.Tensor:
                 proj = arch.projection(net, target)
                 module = layer.get_submodule(proj.module)
                 module.register_forward_hook(_hydra_hook(proj.out_slice, a, b, router))
+        elif space.name in ("prompt", "deep-prompt"):
+            (shift,) = weights["prompt"]
+            layer.register_forward_pre_hook(_prompt_hook(shift), with_kwargs=True)
         elif space.name == "bitfit":
             for target, (bias,) in weights.items():
                 proj = arch.projection(net, target)
@@ -162,7 +198,8 @@ def reference_losses(server, layer, candidates, examples):
 def test_zero_vector_is_the_unmodified_model(arch, name):
     server, splits = build(arch, name)
     got = server.score(1, np.zeros((1, server.dim)))["loss"][0]
-    plain = hf_logits(unwrap_all(copy.deepcopy(server.model)), splits["train"], VERBALIZER)
+    net = unwrap_all(copy.deepcopy(server.model))
+    plain = hf_logits(net, scored(server, splits["train"]), VERBALIZER)
     labels = torch.tensor([ex.label for ex in splits["train"]])
     want = float(per_example_loss("ce", plain, labels).mean())
     assert abs(got - want) <= RTOL * abs(want)
@@ -176,8 +213,9 @@ def test_score_equals_hf_forward_with_the_weights_installed(arch, name):
     server.commit(0, rng.normal(size=server.dim))  # committed modules below and above
     server.commit(2, rng.normal(size=server.dim))
     cands = rng.normal(size=(5, server.dim))
-    got = server.score(1, cands)["loss"]
-    want = reference_losses(server, 1, cands, splits["train"])
+    layer = 0 if name == "prompt" else 1  # BBT's one prompt is at the first layer's input
+    got = server.score(layer, cands)["loss"]
+    want = reference_losses(server, layer, cands, splits["train"])
     # hydra's router softmax runs in fp32 on purpose; with this test's large random weights
     # its logits reach the hundreds, where fp32 rounding moves a loss by up to 2e-4 (Phi-3;
     # the same check in fp64 leaves 1e-4, from the fp32 router alone)
@@ -331,9 +369,9 @@ def test_pca_down_is_the_whitened_top_directions_of_what_the_site_reads(arch, na
 
 
 def test_registry_maps_configs_to_spaces():
-    assert set(SPACES) == {"lora", "hydra", "series", "parallel", "bitfit"}
+    assert set(SPACES) == {"lora", "hydra", "series", "parallel", "bitfit", "prompt", "deep-prompt"}
     assert space_class(TuneConfig().space_config()) is LoraSpace
-    for name in ("hydra", "series", "parallel", "bitfit"):
+    for name in ("hydra", "series", "parallel", "bitfit", "deep-prompt"):
         config = load_config(None, {"space": name, "intrinsic_dim": 60})
         assert space_class(config.space_config()).name == name
 
@@ -344,7 +382,7 @@ def test_registry_maps_configs_to_spaces():
     [
         (
             {"space": "hydar"},
-            "space: 'hydar' is not one of lora, hydra, series, parallel, bitfit; did you",
+            "space: 'hydar' is not one of lora, hydra, series, parallel, bitfit, prompt, deep-prompt; did you",
         ),
         ({"space": "lora", "hydra_heads": 5}, "hydra_heads: not used by the lora space"),
         ({"space": "hydra", "adapter_size": 4}, "adapter_size: not used by the hydra space"),
@@ -369,12 +407,21 @@ def test_registry_maps_configs_to_spaces():
             {"space": "series", "adapter_down": "pca", "targets": "o,down", "intrinsic_dim": 1},
             "intrinsic_dim: 1 is fewer than the 2 weights (up per target)",
         ),
+        ({"space": "deep-prompt", "prompt_length": 0}, "prompt_length: must be in 1..256, got 0"),
+        ({"space": "prompt", "prompt_length": 300, "layers": "0"}, "must be in 1..256, got 300"),
+        ({"space": "prompt"}, "the prompt space (BBT) shifts the first layer's input only"),
+        ({"space": "lora", "prompt_length": 5}, "prompt_length: not used by the lora space"),
     ],
 )
 def test_bad_space_options_are_one_line_errors(values, message):
     with pytest.raises(UserError, match=re.escape(message)) as info:
         load_config(None, values)
     assert "\n" not in str(info.value)
+
+
+def test_a_prompt_longer_than_the_context_allows_is_refused():
+    with pytest.raises(UserError, match=r"prompt_length: 60 prompt tokens and the longest"):
+        build("llama", "deep-prompt", length=60)  # the tiny models hold 64 positions
 
 
 def test_series_target_that_does_not_write_the_residual_is_refused():

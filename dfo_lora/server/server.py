@@ -103,6 +103,7 @@ class EvaluationServer:
         space.validate()
         kind = space_class(space)
         self.verbalizer = torch.tensor(verbalizer_ids, device=backbone.device)
+        splits = {k: kind.prepare_examples(space, self.model, v) for k, v in splits.items()}
         pad_id = _pad_id(backbone.tokenizer)
         self.buckets: dict[str, list[Bucket]] = {
             name: make_buckets(

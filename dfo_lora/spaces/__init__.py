@@ -5,6 +5,8 @@
     series    bottleneck adapters after residual-writing projections (o, MLP output)
     parallel  a bottleneck adapter beside each layer's MLP
     bitfit    a bias shift on the output of each target projection (BitFit)
+    prompt    prompt tokens in front, their input shifted (BBT)
+    deep-prompt  the same prompt, shifted at every layer's input (BBTv2)
 
 A space is chosen by its config's type (`space_class`); `space_config` builds the config
 of a space by name from the run's values, so the server, the run config and the CLI only
@@ -29,6 +31,7 @@ from dfo_lora.spaces.base import (
 from dfo_lora.spaces.bitfit import BitfitConfig, BitfitSpace
 from dfo_lora.spaces.hydra import HydraConfig, HydraSpace
 from dfo_lora.spaces.lora import LoraSpace
+from dfo_lora.spaces.prompt import DeepPromptConfig, DeepPromptSpace, PromptConfig, PromptSpace
 
 # name -> (config class, space class)
 SPACES: dict[str, tuple[type, type[SearchSpace]]] = {
@@ -37,6 +40,8 @@ SPACES: dict[str, tuple[type, type[SearchSpace]]] = {
     "series": (SeriesConfig, SeriesSpace),
     "parallel": (ParallelConfig, ParallelSpace),
     "bitfit": (BitfitConfig, BitfitSpace),
+    "prompt": (PromptConfig, PromptSpace),
+    "deep-prompt": (DeepPromptConfig, DeepPromptSpace),
 }
 SPACE_NAMES = tuple(SPACES)
 
@@ -76,6 +81,10 @@ __all__ = [
     "SPACE_NAMES",
     "BitfitConfig",
     "BitfitSpace",
+    "DeepPromptConfig",
+    "DeepPromptSpace",
+    "PromptConfig",
+    "PromptSpace",
     "HydraConfig",
     "HydraSpace",
     "LayerModules",

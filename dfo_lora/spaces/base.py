@@ -94,6 +94,12 @@ class SearchSpace(ABC):
         return StatisticsRequest()
 
     @classmethod
+    def prepare_examples(cls, config, model: nn.Module, examples: list) -> list:
+        """The encoded examples as this space scores them (a prompt space puts its prompt
+        tokens in front); the server calls it once per split."""
+        return examples
+
+    @classmethod
     @abstractmethod
     def install(cls, config, arch, model: nn.Module, layer: nn.Module) -> LayerModules:
         """Wrap the layer's modules (idempotent on a reused backbone: zero state)."""
@@ -242,9 +248,22 @@ def wrap_module(layer: nn.Module, path: str, make) -> nn.Module:
     return wrapper
 
 
+# The attribute under which a space keeps the hook object it registered on a module (a
+# forward pre-hook marked `is_space_hook`: the prompt spaces' shifts).
+SPACE_HOOK = "_dfo_space_hook"
+
+
 def unwrap_all(model: nn.Module) -> nn.Module:
     """Replace every space wrapper (a module with a `base` it wraps, marked
-    `is_space_wrapper`) in `model` by its base, in place: the stock HF model again."""
+    `is_space_wrapper`) in `model` by its base and remove every space hook, in place: the
+    stock HF model again. Hooks are found by value, not handle: a deep copy's handles
+    point at the original's hooks."""
+    for module in model.modules():
+        module.__dict__.pop(SPACE_HOOK, None)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "is_space_hook", False):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             while getattr(child, "is_space_wrapper", False):
