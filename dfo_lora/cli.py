@@ -421,7 +421,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from dfo_lora.distributed import run_sweep
+    from dfo_lora.sweep import run_sweep
 
     summary = run_sweep(args.sweep_file, out=args.out, concurrency=args.concurrency)
     print(

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             results = run_tune(config, args.out, resume=resume, overwrite=True, progress=False)
             print(summary(results, args.out), flush=True)
             return 0
-        from dfo_lora.distributed import run_sweep
+        from dfo_lora.sweep import run_sweep
 
         done = run_sweep(args.sweep, out=args.out, concurrency=args.concurrency)
         print(

@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--budget", type=int, default=60)
     args = parser.parse_args()
-    from dfo_lora.distributed import run_sweep
+    from dfo_lora.sweep import run_sweep
     from dfo_lora.tasks.loaders import default_data_dir
 
     work = Path(tempfile.mkdtemp(prefix="ray-overhead-"))

@@ -330,7 +330,7 @@ def test_paper_methods_use_the_paper_settings(tmp_path, tiny_llama_dir, capsys):
 
 
 def test_sweep_runs_baselines_and_skips_them_when_done(tmp_path, tiny_llama_dir):
-    from dfo_lora.distributed.sweep import load_sweep, run_sweep
+    from dfo_lora.sweep import load_sweep, run_sweep
 
     sweep = tmp_path / "sweep.yaml"
     spec = {

@@ -256,7 +256,7 @@ def test_interrupted_ray_run_resumes_exactly(ray_cluster, local_run, tiny_llama_
 def test_two_run_sweep_shares_a_server_and_skips_finished(
     ray_cluster, local_run, tiny_llama_dir, tmp_path
 ):
-    from dfo_lora.distributed import run_sweep
+    from dfo_lora.sweep import run_sweep
 
     sweep_file = tmp_path / "sweep.yaml"
     config = {k: v for k, v in SETTINGS.items() if k != "task"}
@@ -377,7 +377,7 @@ def test_cli_unreachable_address_is_one_line_exit_2(tiny_llama_dir, tmp_path):
 )
 def test_bad_sweep_files_are_one_line_errors(tmp_path, monkeypatch, content, message):
     from dfo_lora.cli import main
-    from dfo_lora.distributed.sweep import load_sweep
+    from dfo_lora.sweep import load_sweep
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "sweep.yaml"

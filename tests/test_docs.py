@@ -71,7 +71,7 @@ def test_every_experiment_sweep_file_loads():
     """The sweep files under experiments/quality (benchmark, levers, spaces) and
     experiments/paper are valid:
     each expands to runs whose configs pass validation, so a user can resume any of them."""
-    from dfo_lora.distributed.sweep import load_sweep
+    from dfo_lora.sweep import load_sweep
 
     files = sorted((ROOT / "experiments" / "quality").rglob("*.yaml"))
     files += sorted((ROOT / "experiments" / "paper").rglob("*.yaml"))

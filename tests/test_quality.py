@@ -295,7 +295,7 @@ def test_paper_sweep_on_a_tiny_model_gives_the_table_and_plot(tiny_llama_dir, tm
     """experiments/paper/table.yaml (its rows: a space and an optimizer each), shrunk: a
     tiny model, 2 tasks, 2 seeds, short budgets, local backend; the summarizer names each
     run by its row and prints the published reference rows beside ours."""
-    from dfo_lora.distributed.sweep import load_sweep, run_sweep
+    from dfo_lora.sweep import load_sweep, run_sweep
 
     path = ROOT / "experiments" / "paper" / "table.yaml"
     paper = yaml.safe_load(path.read_text())

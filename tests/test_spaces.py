@@ -431,7 +431,7 @@ def test_series_target_that_does_not_write_the_residual_is_refused():
 
 
 def test_space_is_a_sweep_grid_key(tmp_path):
-    from dfo_lora.distributed.sweep import load_sweep
+    from dfo_lora.sweep import load_sweep
 
     path = tmp_path / "sweep.yaml"
     path.write_text(
