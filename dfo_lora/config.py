@@ -242,8 +242,8 @@ class TuneConfig:
             raise UserError("address: must be auto or a cluster address such as host:6379")
         if self.test_limit is not None and self.test_limit <= 0:
             raise UserError(f"test_limit: must be positive, got {self.test_limit}")
-        parse_layers(self.layers, None)
-        if self.space == "prompt" and parse_layers(self.layers, None) != [0]:
+        layers = parse_layers(self.layers, None)
+        if self.space == "prompt" and layers != [0]:
             raise UserError(
                 f"layers: the prompt space (BBT) shifts the first layer's input only, so it "
                 f"searches layer 0: give --layers 0 (got {self.layers!r}; deep-prompt has a "

@@ -22,21 +22,10 @@ from dfo_lora.spaces import space_name, unwrap_all
 from tests.test_cli import one_line_error, run_cli
 from tests.test_export import exported_logits
 from tests.test_server_exactness import VERBALIZER, make_server, rel_err
-from tests.test_spaces import build, run_options, scored
+from tests.test_spaces import SPACE_NAMES, build, run_options, scored
 from tests.tiny_models import hf_logits
 
-SPACES = [
-    "lora",
-    "hydra",
-    "series",
-    "parallel",
-    "hydra-pca",
-    "series-pca",
-    "parallel-pca",
-    "bitfit",
-    "prompt",
-    "deep-prompt",
-]
+SPACES = ["lora", *SPACE_NAMES]  # every space
 
 
 @pytest.fixture(scope="module")

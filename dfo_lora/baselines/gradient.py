@@ -21,24 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from dfo_lora.baselines.registry import Option
-from dfo_lora.baselines.training import train_adamw
+from dfo_lora.baselines.training import ADAMW_OPTIONS, train_adamw
 from dfo_lora.errors import UserError
 
 HELP = (
     "AdamW on the space's own weights (full LoRA factors; adapters: Adapter tuning), "
     "full batch, dev-selected"
 )
-OPTIONS = {
-    "lr": Option(5e-4, "AdamW learning rate", positive=True),
-    "weight_decay": Option(0.01, "AdamW weight decay (torch's default)", minimum=0),
-    "steps": Option(
-        100, "optimizer steps, each one full batch over the train split", positive=True
-    ),
-    "eval_every": Option(10, "steps between dev evaluations", positive=True),
-    "loss": Option("ce", "loss on the verbalizer logits: ce | hinge", choices=("ce", "hinge")),
-    "calibrate": Option(False, "train and score calibrated logits (tune's --calibrate)"),
-}
+OPTIONS = ADAMW_OPTIONS
 
 Parameters = list[dict[str, tuple[torch.Tensor, ...]]]  # per layer, the space's Weights
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dfo_lora.baselines.lora import add_lora, finish_lora_run, snapshot
 from dfo_lora.baselines.registry import Option
-from dfo_lora.baselines.training import train_adamw
+from dfo_lora.baselines.training import ADAMW_OPTIONS, train_adamw
 
 HELP = "LoRA trained with gradients (peft, AdamW, full batch, dev-selected): the ceiling"
 LORA_OPTIONS = {
@@ -27,17 +27,7 @@ LORA_OPTIONS = {
     "rank": Option(8, "LoRA rank r", positive=True),
     "lora_alpha": Option(8.0, "LoRA alpha; the delta is scaled by alpha / r", positive=True),
 }
-OPTIONS = {
-    **LORA_OPTIONS,
-    "lr": Option(5e-4, "AdamW learning rate", positive=True),
-    "weight_decay": Option(0.01, "AdamW weight decay (torch's default)", minimum=0),
-    "steps": Option(
-        100, "optimizer steps, each one full batch over the train split", positive=True
-    ),
-    "eval_every": Option(10, "steps between dev evaluations", positive=True),
-    "loss": Option("ce", "loss on the verbalizer logits: ce | hinge", choices=("ce", "hinge")),
-    "calibrate": Option(False, "train and score calibrated logits (tune's --calibrate)"),
-}
+OPTIONS = {**LORA_OPTIONS, **ADAMW_OPTIONS}
 
 
 def run(ctx) -> dict:

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from dfo_lora.baselines import gradient
-from dfo_lora.baselines.mezo_lora import MEZO_OPTIONS
 from dfo_lora.baselines.registry import Option
 from dfo_lora.baselines.subspace_gradient import save_z
-from dfo_lora.baselines.training import train_mezo
+from dfo_lora.baselines.training import MEZO_OPTIONS, train_mezo
 
 HELP = "MeZO on the run's space: its own weights (on weights) or its projected z (on z)"
 OPTIONS = {
@@ -40,30 +39,40 @@ OPTIONS = {
 def run(ctx) -> dict:
     o = ctx.options
     server = ctx.server
-    if o["on"] == "z":
+    on_z = o["on"] == "z"
+    if on_z:
         z = torch.zeros(server.num_layers, server.dim, dtype=torch.float32)
+        tensors = [z]
 
-        def as_state() -> np.ndarray:
+        def state() -> np.ndarray:
             return z.double().numpy().copy()
 
-        tensors = [z]
-        install = lambda: server.set_state(as_state())  # noqa: E731
-        state = as_state
+        def install() -> None:
+            server.set_state(state())
+
+        def restore(kept) -> None:
+            server.set_state(kept)
+
     else:
         params = gradient.initial_parameters(ctx)
         tensors = gradient.tensors(params)
         for t in tensors:
             t.requires_grad_(False)
-        install = lambda: gradient.install(server, params)  # noqa: E731
-        state = lambda: gradient.snapshot(params)  # noqa: E731
+
+        def state():
+            return gradient.snapshot(params)
+
+        def install() -> None:
+            gradient.install(server, params)
+
+        def restore(kept) -> None:
+            gradient.install(server, kept)
+
     select, losses, skipped = train_mezo(ctx, tensors, o, state=state, install=install)
-    if o["on"] == "z":
-        server.set_state(select.state)
-    else:
-        gradient.install(server, select.state)
+    restore(select.state)
     test = ctx.evaluate("test", o["calibrate"])
     meta = {"method": ctx.method, "step": select.best_step, **o}
-    if o["on"] == "z":
+    if on_z:
         save_z(ctx.open_out() / "z.safetensors", select.state, meta)
     else:
         gradient.save_parameters(ctx, select.state, meta)

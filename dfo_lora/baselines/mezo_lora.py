@@ -21,20 +21,9 @@ from __future__ import annotations
 
 from dfo_lora.baselines.gradient_lora import LORA_OPTIONS
 from dfo_lora.baselines.lora import add_lora, finish_lora_run, snapshot
-from dfo_lora.baselines.registry import Option
-from dfo_lora.baselines.training import train_mezo
-from dfo_lora.server.losses import LOSSES
+from dfo_lora.baselines.training import MEZO_OPTIONS, train_mezo
 
 HELP = "MeZO zeroth-order SGD on the same LoRA weights (two forwards per step, one seed)"
-MEZO_OPTIONS = {
-    "lr": Option(1e-3, "learning rate of the projected-gradient step", positive=True),
-    "eps": Option(1e-2, "perturbation scale", positive=True),
-    "weight_decay": Option(0.0, "decoupled weight decay", minimum=0),
-    "steps": Option(200, "steps, each two forwards over the train split", positive=True),
-    "eval_every": Option(20, "steps between dev evaluations", positive=True),
-    "loss": Option("ce", "loss on the verbalizer logits: " + " | ".join(LOSSES), choices=LOSSES),
-    "calibrate": Option(False, "train and score calibrated logits (tune's --calibrate)"),
-}
 OPTIONS = {**LORA_OPTIONS, **MEZO_OPTIONS}
 
 

@@ -31,18 +31,13 @@ import numpy as np
 import torch
 
 from dfo_lora.baselines.registry import Option
-from dfo_lora.baselines.training import train_adamw
+from dfo_lora.baselines.training import ADAMW_OPTIONS, train_adamw
 
 HELP = "AdamW on the run's own search space z (the space's ceiling; --config gives the space)"
 OPTIONS = {
+    **ADAMW_OPTIONS,
     "lr": Option(0.01, "AdamW learning rate on z", positive=True),
     "weight_decay": Option(0.0, "AdamW decoupled weight decay on z", minimum=0),
-    "steps": Option(
-        100, "optimizer steps, each one full batch over the train split", positive=True
-    ),
-    "eval_every": Option(10, "steps between dev evaluations", positive=True),
-    "loss": Option("ce", "loss on the verbalizer logits: ce | hinge", choices=("ce", "hinge")),
-    "calibrate": Option(False, "train and score calibrated logits (tune's --calibrate)"),
     "select": Option(
         "metric",
         "state tested: metric (best dev, tune's rule) | final (the last z)",

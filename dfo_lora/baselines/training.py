@@ -38,10 +38,57 @@ import numpy as np
 import torch
 
 from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
+from dfo_lora.baselines.registry import Option
+from dfo_lora.server.losses import LOSSES
+
+# The options each loop reads, declared once for the methods that run it (a method may
+# replace a default, as subspace-gradient does for lr and weight_decay on z).
+ADAMW_OPTIONS = {
+    "lr": Option(5e-4, "AdamW learning rate", positive=True),
+    "weight_decay": Option(0.01, "AdamW weight decay (torch's default)", minimum=0),
+    "steps": Option(
+        100, "optimizer steps, each one full batch over the train split", positive=True
+    ),
+    "eval_every": Option(10, "steps between dev evaluations", positive=True),
+    "loss": Option("ce", "loss on the verbalizer logits: ce | hinge", choices=("ce", "hinge")),
+    "calibrate": Option(False, "train and score calibrated logits (tune's --calibrate)"),
+}
+MEZO_OPTIONS = {
+    "lr": Option(1e-3, "learning rate of the projected-gradient step", positive=True),
+    "eps": Option(1e-2, "perturbation scale", positive=True),
+    "weight_decay": Option(0.0, "decoupled weight decay", minimum=0),
+    "steps": Option(200, "steps, each two forwards over the train split", positive=True),
+    "eval_every": Option(20, "steps between dev evaluations", positive=True),
+    "loss": Option("ce", "loss on the verbalizer logits: " + " | ".join(LOSSES), choices=LOSSES),
+    "calibrate": Option(False, "train and score calibrated logits (tune's --calibrate)"),
+}
 
 
 def nothing() -> None:
     return None
+
+
+def dev_checker(
+    ctx,
+    options: dict,
+    select: DevSelection,
+    bar: ProgressBar,
+    state,
+    prepare,
+    forwards_per_step: int = 1,
+):
+    """The dev check both loops run at step 0, every `eval_every` steps and after the last:
+    prepare the state, score dev, offer it to the selection, log it."""
+
+    def check(step: int) -> None:
+        prepare()
+        dev = ctx.evaluate("dev", options["calibrate"])
+        evals = forwards_per_step * step
+        select.offer(dev, evals=evals, step=step, state=state())
+        ctx.log_dev({"evals": evals, "step": step, "dev": dev, "best_dev": select.best})
+        bar.dev(select.best)
+
+    return check
 
 
 def train_adamw(
@@ -64,13 +111,7 @@ def train_adamw(
     prepare_dev = install if before_dev is None else before_dev
     bar = ProgressBar(o["steps"], ctx.metric, disable=not ctx.progress)
 
-    def dev_check(step: int) -> None:
-        prepare_dev()
-        dev = ctx.evaluate("dev", o["calibrate"])
-        select.offer(dev, evals=step, step=step, state=state())
-        ctx.log_dev({"evals": step, "step": step, "dev": dev, "best_dev": select.best})
-        bar.dev(select.best)
-
+    dev_check = dev_checker(ctx, o, select, bar, state, prepare_dev)
     dev_check(0)
     losses: list[float] = []
     for step in range(1, o["steps"] + 1):
@@ -137,13 +178,7 @@ def train_mezo(
         loss, accuracy = train_loss(ctx.server, o["loss"], o["calibrate"])
         return float(loss), accuracy
 
-    def dev_check(step: int) -> None:
-        install()
-        dev = ctx.evaluate("dev", o["calibrate"])
-        select.offer(dev, evals=2 * step, step=step, state=state())
-        ctx.log_dev({"evals": 2 * step, "step": step, "dev": dev, "best_dev": select.best})
-        bar.dev(select.best)
-
+    dev_check = dev_checker(ctx, o, select, bar, state, install, forwards_per_step=2)
     dev_check(0)
     losses: list[float] = []
     skipped = 0

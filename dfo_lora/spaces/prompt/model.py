@@ -111,9 +111,10 @@ class PromptSpace(ProjectedSpace):
 
     def weights(self, layer: int, z: torch.Tensor, dtype: torch.dtype) -> Weights:
         """z (P, d) -> {"prompt": (shift (P, n, H),)}; zero where the layer has no prompt."""
-        (flat,) = self.project(layer, z)
-        if not self.searches(layer):
-            flat = torch.zeros_like(flat)
+        if self.searches(layer):
+            (flat,) = self.project(layer, z)
+        else:  # no prompt there: nothing to project
+            flat = torch.zeros(z.shape[0], self._chunk_numels()[0], device=self.device)
         return {"prompt": (flat.view(-1, self.config.length, self.hidden).to(dtype),)}
 
     def own_parameters(self, layer: int, generator: torch.Generator) -> Weights:
