@@ -49,9 +49,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dfo_lora.backbone.fusion import eager, eager_copy
 from dfo_lora.errors import UserError
-from dfo_lora.lowrank import AdaptedProjection, merge_delta
 from dfo_lora.server import EvaluationServer, per_example_loss
 from dfo_lora.server.factory import ServerSpec, build_server
+from dfo_lora.spaces.lora import LoraProjection
+from dfo_lora.spaces.modules import merge_delta
 
 PAPER_BUDGET = 8000  # evaluations of one of the paper's runs
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -297,7 +298,7 @@ def plain_model_copy(server: EvaluationServer) -> torch.nn.Module:
     net = eager_copy(server.model, server.layers)
     for module in list(net.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, AdaptedProjection):
+            if isinstance(child, LoraProjection):
                 setattr(module, child_name, child.base)
     return net
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from dfo_lora.errors import UserError, did_you_mean
-from dfo_lora.lowrank import DEFAULT_TARGETS, LowRankConfig
 from dfo_lora.search import policy
 from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported here
     COMMITS,
@@ -31,6 +30,7 @@ from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported
 from dfo_lora.server import LOSSES, ServerOptions
 from dfo_lora.server.factory import ServerSpec
 from dfo_lora.spaces import SPACE_NAMES, check_space_name, space_config
+from dfo_lora.spaces.lora import DEFAULT_TARGETS, LoraConfig
 
 
 def opt(default, help_text: str, shown: str | None = None):
@@ -287,7 +287,7 @@ class TuneConfig:
     def space_config(self):
         """The chosen space's config (dfo_lora.spaces), from the run's values."""
         if self.space == "lora":  # the paper's space: its config type is unchanged
-            return LowRankConfig(
+            return LoraConfig(
                 targets=tuple(self.targets or DEFAULT_TARGETS),
                 rank=self.rank,
                 intrinsic_dim=self.intrinsic_dim,

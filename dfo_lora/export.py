@@ -152,7 +152,7 @@ def check_state_tensors(
 
 def merge_into(model: nn.Module, arch, factors: Factors) -> None:
     """Add every B @ A into the model's weights (fused modules: into the target's slice)."""
-    from dfo_lora.lowrank import merge_delta
+    from dfo_lora.spaces.modules import merge_delta
 
     layers = arch.layers(model)
     for (layer, target), (a, b) in factors.items():
@@ -163,7 +163,7 @@ def merge_into(model: nn.Module, arch, factors: Factors) -> None:
 def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
     """(target module names, {module: (A, B)} of the fused LoRA per module, rank pattern)."""
     from dfo_lora.backbone.registry import layer_prefix
-    from dfo_lora.lowrank.layer import out_columns, projection_shape
+    from dfo_lora.spaces.modules import out_columns, projection_shape
 
     prefix = layer_prefix(model, arch)
     per_module: dict[str, list] = {}
@@ -187,7 +187,7 @@ def peft_weights(model: nn.Module, arch, factors: Factors, rank: int):
 def zero_factors(model: nn.Module, arch, targets, rank: int) -> Factors:
     """Factors of the zero state for every layer and target: a LoRA that changes nothing
     (what a run whose dev-selected state is the unmodified model exports)."""
-    from dfo_lora.lowrank.layer import out_width, projection_shape
+    from dfo_lora.spaces.modules import out_width, projection_shape
 
     factors = {}
     for index, layer in enumerate(arch.layers(model)):

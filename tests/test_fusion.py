@@ -18,9 +18,9 @@ import pytest
 from dfo_lora.backbone.fusion import _EAGER
 from dfo_lora.bench import NaiveScorer, count_round_flops, plain_model_copy
 from dfo_lora.cli import main
-from dfo_lora.lowrank import LowRankConfig
 from dfo_lora.server import EvaluationServer, ServerOptions
 from dfo_lora.server.factory import ServerSpec
+from dfo_lora.spaces.lora import LoraConfig
 from dfo_lora.synthetic import synthetic_server
 from tests.test_server_exactness import RTOL, VERBALIZER, rel_err
 from tests.tiny_models import random_examples, tiny_model
@@ -37,7 +37,7 @@ def build(backbone, compiled: bool, targets=("q", "k")) -> EvaluationServer:
         "train": random_examples(backbone, 10, seed=1),
         "dev": random_examples(backbone, 7, seed=2),
     }
-    space = LowRankConfig(targets=targets, rank=4, intrinsic_dim=40, alpha=3.0, seed=3)
+    space = LoraConfig(targets=targets, rank=4, intrinsic_dim=40, alpha=3.0, seed=3)
     options = ServerOptions(compile=compiled)
     return EvaluationServer(backbone, splits, VERBALIZER, space=space, options=options)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dfo_lora.backbone import load_backbone
-from dfo_lora.lowrank import LowRankConfig
 from dfo_lora.server.factory import ServerSpec, build_server
 from dfo_lora.server.losses import per_example_loss
+from dfo_lora.spaces.lora import LoraConfig
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ def backbone(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def sst2_server(backbone):
-    spec = ServerSpec(task="sst2", test_limit=200, space=LowRankConfig(seed=42))
+    spec = ServerSpec(task="sst2", test_limit=200, space=LoraConfig(seed=42))
     return build_server(spec, backbone=backbone)
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from dfo_lora.errors import UserError
-from dfo_lora.lowrank import LowRankConfig, clipped_std
 from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
+from dfo_lora.spaces.lora import LoraConfig
+from dfo_lora.spaces.statistics import clipped_std
 from tests.tiny_models import (
     ARCHS,
     DEVICE,
@@ -37,7 +38,7 @@ def make_server(
         "train": random_examples(backbone, n_train, seed=1),
         "dev": random_examples(backbone, 7, seed=2),
     }
-    space = LowRankConfig(
+    space = LoraConfig(
         targets=targets,
         rank=4,
         intrinsic_dim=40,
@@ -327,7 +328,7 @@ def test_calibrated_scoring_and_evaluation_match_reference():
         "train": random_examples(backbone, 10, seed=1),
         "dev": random_examples(backbone, 7, seed=2),
     }
-    space = LowRankConfig(rank=4, intrinsic_dim=40, alpha=3.0, seed=3)
+    space = LoraConfig(rank=4, intrinsic_dim=40, alpha=3.0, seed=3)
     server = EvaluationServer(backbone, splits, VERBALIZER, space=space, calibrate=True)
     rng = np.random.default_rng(6)
     server.commit(0, rng.normal(size=40))

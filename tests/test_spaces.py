@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,6 @@ import torch
 from dfo_lora.backbone.registry import mlp_site
 from dfo_lora.config import TuneConfig, load_config
 from dfo_lora.errors import UserError
-from dfo_lora.lowrank.layer import add_to_columns
 from dfo_lora.server import EvaluationServer, ServerOptions, per_example_loss
 from dfo_lora.spaces import (
     SPACES,
@@ -29,6 +29,7 @@ from dfo_lora.spaces import (
     space_class,
     unwrap_all,
 )
+from dfo_lora.spaces.modules import add_to_columns
 from tests.test_server_exactness import ARCHS, VERBALIZER, make_server, rel_err
 from tests.tiny_models import hf_logits, random_examples, tiny_model
 
@@ -514,3 +515,40 @@ def test_paper_baselines_run_the_lora_space():
 
     config = load_config(None, {"space": "series", "intrinsic_dim": 60})
     assert paper_config(config, "cma", {}).space == "lora"
+
+
+SHARED_SPACE_MODULES = ("base", "statistics", "projection", "modules")
+
+
+def test_space_imports_run_from_the_shared_modules_to_the_space_folders():
+    """The shared modules (interface, statistics, projection, module helpers) import no
+    space folder; a space folder imports no other space folder (except the paper's default
+    targets, which hydra shares with lora); nothing under spaces/ imports the server."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "dfo_lora" / "spaces"
+    imported: dict[str, set[str]] = {}  # "lora" or "statistics" -> dfo_lora modules it imports
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        owner = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        tree = ast.parse(path.read_text())
+        found = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dfo_lora")
+        }
+        imported.setdefault(owner, set()).update(found)
+    folders = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    assert {"lora", "hydra", "adapters", "bitfit", "prompt"} <= folders
+    for shared in SHARED_SPACE_MODULES:
+        spaces_used = {m.split(".")[2] for m in imported[shared] if m.count(".") >= 2}
+        assert not spaces_used & folders, (shared, spaces_used & folders)
+    for folder in folders:
+        others = {
+            m
+            for m in imported[folder]
+            if m.startswith("dfo_lora.spaces.") and m.split(".")[2] in folders - {folder}
+        }
+        allowed = {"dfo_lora.spaces.lora.config"} if folder == "hydra" else set()
+        assert others <= allowed, (folder, others)
+    assert not any(m.startswith("dfo_lora.server") for ms in imported.values() for m in ms)

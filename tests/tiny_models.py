@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from dfo_lora.backbone import prepare_backbone
-from dfo_lora.lowrank import merge_delta
+from dfo_lora.spaces.modules import merge_delta
 
 VOCAB = 96
 PAD = 1  # RoBERTa's padding_idx; used as the pad id for every tiny model

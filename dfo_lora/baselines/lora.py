@@ -6,7 +6,7 @@ layer of the server's own model, so the server's buckets, forward and `evaluate`
 adapted model as it is, with nothing merged or copied. peft starts B at zero, so the
 injected model is exactly the zero state until a step changes it (tested).
 
-The server wraps its search-space targets in `AdaptedProjection`s (identity while
+The server wraps its search-space targets in `LoraProjection`s (identity while
 nothing is committed); LoRA then goes on the frozen module inside (`<path>.base`).
 A fused module (GPT-2's `c_attn` holds q, k and v) gets one LoRA over the whole module:
 peft cannot adapt a slice of it, and the run's notes say so.
@@ -23,7 +23,7 @@ from torch import nn
 from dfo_lora.backbone.registry import layer_prefix
 from dfo_lora.errors import UserError
 from dfo_lora.extras import require_peft
-from dfo_lora.lowrank import AdaptedProjection
+from dfo_lora.spaces.lora import LoraProjection
 
 
 def lora_modules(server, targets: list[str]) -> tuple[list[str], list[str]]:
@@ -36,7 +36,7 @@ def lora_modules(server, targets: list[str]) -> tuple[list[str], list[str]]:
         for target in targets:
             proj = arch.projection(model, target)  # UserError for a name the model lacks
             path = f"{prefix}.{index}.{proj.module}"
-            if isinstance(model.get_submodule(path), AdaptedProjection):
+            if isinstance(model.get_submodule(path), LoraProjection):
                 path += ".base"
             if proj.out_slice is not None:
                 fused.setdefault(proj.module, []).append(target)

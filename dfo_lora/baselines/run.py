@@ -59,15 +59,15 @@ def prepare_context(
     a method chooses calibration per evaluation); nothing is written yet. The
     server holds the run's space for a method that trains it (`own_space`), else LoRA."""
     from dfo_lora.backbone import load_backbone
-    from dfo_lora.lowrank import LowRankConfig
     from dfo_lora.server.factory import build_server, load_data
+    from dfo_lora.spaces.lora import LoraConfig
 
     spec = config.server_spec()
     # The other baselines adapt the plain model (peft LoRA, prompts): another search
     # space's modules (hydra, adapters) would stand where peft looks for the projections.
     space = spec.space
-    if not get_method(method).own_space and not isinstance(space, LowRankConfig):
-        space = LowRankConfig(seed=spec.seed)
+    if not get_method(method).own_space and not isinstance(space, LoraConfig):
+        space = LoraConfig(seed=spec.seed)
     spec = dataclasses.replace(
         spec, calibrate=False, loss=options.get("loss", config.loss), space=space
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from dfo_lora.backbone import Backbone, load_backbone
-from dfo_lora.lowrank import LowRankConfig
 from dfo_lora.server.server import EvaluationServer, ServerOptions
+from dfo_lora.spaces.lora import LoraConfig
 from dfo_lora.tasks import FewShotData, build_few_shot, encode, resolve_task, verbalizer_ids
 
 
@@ -29,8 +29,8 @@ class ServerSpec:
     test_limit: int | None = None  # score only the first N test examples (quick runs)
     loss: str = "ce"
     calibrate: bool = False  # subtract each state's mean train logits before loss/metric
-    # the search space's config (dfo_lora.spaces.SPACES: LowRankConfig, HydraConfig, ...)
-    space: object = field(default_factory=LowRankConfig)
+    # the search space's config (dfo_lora.spaces.SPACES: LoraConfig, HydraConfig, ...)
+    space: object = field(default_factory=LoraConfig)
     options: ServerOptions = field(default_factory=ServerOptions)
     trust_remote_code: bool = False
     fit_on: str = "train"  # "train+dev": the server's train split holds train and dev

@@ -33,11 +33,11 @@ import torch
 from dfo_lora.backbone import Backbone
 from dfo_lora.backbone.fusion import compile_layers, restore_eager
 from dfo_lora.errors import UserError
-from dfo_lora.lowrank import LowRankConfig, ProjectionMoments, clipped_std
-from dfo_lora.lowrank.layer import out_columns
 from dfo_lora.server.batching import Bucket, make_buckets
 from dfo_lora.server.losses import LOSSES, per_example_loss
-from dfo_lora.spaces import SpaceStatistics, space_class, take
+from dfo_lora.spaces import space_class, take
+from dfo_lora.spaces.lora import LoraConfig
+from dfo_lora.spaces.statistics import ZeroStateTrain, measure
 
 CPU_CHUNK_TOKENS = 16384  # padded tokens per stacked chunk on a CPU (BENCHMARKS.md)
 # Padded tokens worth one more call for the P-stacked train split on a CPU: sst2, k = 16
@@ -99,7 +99,7 @@ class EvaluationServer:
         self.notes = [n for n in (notes or []) if n]
         self.options = options or ServerOptions()
         self.options.validate()
-        space = space or LowRankConfig()
+        space = space or LoraConfig()
         space.validate()
         kind = space_class(space)
         self.verbalizer = torch.tensor(verbalizer_ids, device=backbone.device)
@@ -130,16 +130,16 @@ class EvaluationServer:
         del entered
         self._valid_upto = 0
         # The train split's statistics the space asks for, measured on the zero state.
+        train = ZeroStateTrain(
+            self.arch,
+            self.model,
+            self.layers,
+            self.buckets["train"],
+            self._advance_cache_all(),
+            self._stack_inputs,
+        )
         needs = kind.requirements(space)
-        sigma_hat = self._sigma_hat()
-        moments = head = sites = None
-        if needs.moment_targets:
-            moments = self._projection_moments(needs.moment_targets)
-        if needs.head_targets:
-            head = self._head_directions(needs.head_targets)
-        if needs.site_moments:
-            sites = self._site_moments()
-        stats = SpaceStatistics(sigma_hat, moments, head, sites)
+        stats = measure(needs, train, self.adapted, self.verbalizer, backbone.dtype)
         self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
         if self.options.compile:  # (re)compiled from eager, as a backbone may be reused
             path = self.arch.attention_path(self.model)
@@ -197,93 +197,10 @@ class EvaluationServer:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
     # ------------------------------------------------------------------ set-up
-    @torch.inference_mode()
-    def _sigma_hat(self) -> list[float]:
-        """Per-layer std of input hidden states (real tokens, clipped); layer 0: embeddings."""
-        sigma = [clipped_std(self.arch.word_embeddings(self.model))]
-        self._advance_cache(self.num_layers - 1)  # the zero state's inputs to every layer
-        masks = [b.attention_mask.bool() for b in self.buckets["train"]]
-        for layer in range(1, self.num_layers):
-            real = torch.cat([h[m] for h, m in zip(self._cache[layer], masks, strict=True)])
-            sigma.append(clipped_std(real))
-        return sigma
-
-    def _projection_moments(self, targets: tuple[str, ...]) -> list[dict[str, ProjectionMoments]]:
-        """Each adapted projection's input mean and covariance and output covariance over
-        the real train tokens of the zero state (fp64 sums), for data-informed spaces."""
-        projections = {t: self.arch.projection(self.model, t) for t in targets}
-        # The module at each target's path (the space's wrapper, if it has one: at the
-        # zero state its input and output are the frozen projection's).
-        recorded = self._module_moments(
-            lambda j: {t: self.layers[j].get_submodule(p.module) for t, p in projections.items()}
-        )
-        moments = []
-        for per_module in recorded:
-            per_target = {}
-            for target, sides in per_module.items():
-                mean, cov = sides["in"]
-                out_cov = sides["out"][1]
-                out_slice = projections[target].out_slice
-                if out_slice is not None:  # a fused module's own columns
-                    cols = out_columns(out_slice)
-                    out_cov = out_cov[cols][:, cols]
-                per_target[target] = ProjectionMoments(mean, cov, out_cov)
-            moments.append(per_target)
-        return moments
-
-    def _site_moments(self) -> list[dict[str, ProjectionMoments]]:
-        """The mean and covariance of what each of the space's sites reads (its `sources`:
-        a module's input or output) over the real train tokens of the zero state."""
-        recorded = self._module_moments(
-            lambda j: {s: m for s, (m, _) in self.adapted[j].sources.items()}
-        )
-        return [
-            {
-                site: ProjectionMoments(*sides[self.adapted[j].sources[site][1]])
-                for site, sides in per_module.items()
-            }
-            for j, per_module in enumerate(recorded)
-        ]
-
-    @torch.inference_mode()
-    def _module_moments(self, modules_of) -> list[dict[str, dict[str, tuple]]]:
-        """Per layer j, for each named module of `modules_of(j)`: the (mean, covariance) of
-        its input ("in") and output ("out") over the real train tokens of the zero state,
-        from fp64 sums over the cached layer inputs."""
-        masks = [b.attention_mask.bool() for b in self.buckets["train"]]
-        moments = []
-        for j in range(self.num_layers):
-            sums: dict = {}
-            current = {}
-
-            def record(module, args, output, sums=sums, current=current):
-                for key, x in (("in", args[0]), ("out", output)):
-                    # (real tokens, features); some MLPs see (B*T, features)
-                    x = x.reshape(-1, x.shape[-1])[current["mask"].reshape(-1)].double()
-                    acc = sums.setdefault((id(module), key), [0, 0.0, 0.0])
-                    acc[0] += x.shape[0]
-                    acc[1] = acc[1] + x.sum(0)
-                    acc[2] = acc[2] + x.T @ x
-
-            named = modules_of(j)
-            modules = {id(m): m for m in named.values()}
-            hooks = [m.register_forward_hook(record) for m in modules.values()]
-            try:
-                for h, bucket, mask in zip(
-                    self._cache[j], self.buckets["train"], masks, strict=True
-                ):
-                    current["mask"] = mask
-                    self.arch.run_layer(self.layers[j], h, self._stack_inputs[id(bucket)])
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            moments.append(
-                {
-                    name: {side: _mean_cov(*sums[(id(m), side)]) for side in ("in", "out")}
-                    for name, m in named.items()
-                }
-            )
-        return moments
+    def _advance_cache_all(self) -> list[list[torch.Tensor]]:
+        """The zero state's train inputs to every layer (statistics, at set-up)."""
+        self._advance_cache(self.num_layers - 1)
+        return self._cache[: self.num_layers]
 
     @torch.inference_mode()
     def _auto_chunk_tokens(self) -> int:
@@ -310,33 +227,6 @@ class EvaluationServer:
         )
         free, _ = torch.cuda.mem_get_info(device)
         return max(CPU_CHUNK_TOKENS, int(0.25 * free / max(per_token, 1.0)))
-
-    def _head_directions(self, targets: tuple[str, ...]) -> torch.Tensor:
-        """(C, H) gradients of the C verbalizer logits with respect to the last hidden
-        state, at the mean slot state of the zero state's train split (fp32)."""
-        wrong = [t for t in targets if not self.arch.projection(self.model, t).writes_residual]
-        if wrong:
-            writers = [
-                name for name, p in self.arch.projections(self.model).items() if p.writes_residual
-            ]
-            raise UserError(
-                f"b_basis verbalizer: targets {','.join(wrong)} do not write the residual "
-                f"stream; choose from {', '.join(writers)}"
-            )
-        with torch.inference_mode():
-            last = self._advance_cache(self.num_layers - 1)
-            at_slot = []
-            for h, bucket in zip(last, self.buckets["train"], strict=True):
-                out = self.arch.run_layer(self.layers[-1], h, self._stack_inputs[id(bucket)])
-                at_slot.append(out[torch.arange(out.shape[0], device=out.device), bucket.slots])
-            mean = torch.cat(at_slot).float().mean(0)
-        dtype = self.backbone.dtype
-
-        def logits(hidden: torch.Tensor) -> torch.Tensor:
-            out = self.arch.verbalizer_logits(self.model, hidden[None].to(dtype), self.verbalizer)
-            return out[0].float()
-
-        return torch.autograd.functional.jacobian(logits, mean.clone()).detach()
 
     # ------------------------------------------------------------------ state
     def commit(self, layer: int, z: np.ndarray) -> None:
@@ -494,11 +384,6 @@ class EvaluationServer:
         metrics = compute_metric(self.metric, logits.argmax(-1).numpy(), out["labels"])
         loss = _worst_if_nan(per_example_loss(self.loss_name, logits, labels)).mean()
         return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss), **extra}
-
-
-def _mean_cov(count: int, total: torch.Tensor, outer: torch.Tensor):
-    mean = total / count
-    return mean, outer / count - torch.outer(mean, mean)
 
 
 WORST_LOSS = 1e4  # a NaN/inf loss counts as this (worse than any real CE/hinge value)

@@ -8,6 +8,9 @@
     prompt    prompt tokens in front, their input shifted (BBT)
     deep-prompt  the same prompt, shifted at every layer's input (BBTv2)
 
+Each space lives in its own folder (`<name>/`: config, layer, model); what they share is
+in `base.py` (the interface), `statistics.py`, `projection.py` and `modules.py`.
+
 A space is chosen by its config's type (`space_class`); `space_config` builds the config
 of a space by name from the run's values, so the server, the run config and the CLI only
 know this registry.
@@ -16,26 +19,19 @@ know this registry.
 from __future__ import annotations
 
 from dfo_lora.errors import UserError, did_you_mean
-from dfo_lora.lowrank import LowRankConfig
 from dfo_lora.spaces.adapters import ParallelConfig, ParallelSpace, SeriesConfig, SeriesSpace
-from dfo_lora.spaces.base import (
-    LayerModules,
-    ProjectedSpace,
-    SearchSpace,
-    SpaceStatistics,
-    StatisticsRequest,
-    Weights,
-    take,
-    unwrap_all,
-)
+from dfo_lora.spaces.base import LayerModules, SearchSpace, Weights, take
 from dfo_lora.spaces.bitfit import BitfitConfig, BitfitSpace
 from dfo_lora.spaces.hydra import HydraConfig, HydraSpace
-from dfo_lora.spaces.lora import LoraSpace
+from dfo_lora.spaces.lora import LoraConfig, LoraSpace
+from dfo_lora.spaces.modules import unwrap_all
+from dfo_lora.spaces.projection import ProjectedSpace
 from dfo_lora.spaces.prompt import DeepPromptConfig, DeepPromptSpace, PromptConfig, PromptSpace
+from dfo_lora.spaces.statistics import SpaceStatistics, StatisticsRequest
 
 # name -> (config class, space class)
 SPACES: dict[str, tuple[type, type[SearchSpace]]] = {
-    "lora": (LowRankConfig, LoraSpace),
+    "lora": (LoraConfig, LoraSpace),
     "hydra": (HydraConfig, HydraSpace),
     "series": (SeriesConfig, SeriesSpace),
     "parallel": (ParallelConfig, ParallelSpace),
@@ -54,7 +50,7 @@ def check_space_name(name: str) -> None:
 
 
 def space_class(config) -> type[SearchSpace]:
-    """The space class of a space config (LowRankConfig -> LoraSpace, ...)."""
+    """The space class of a space config (LoraConfig -> LoraSpace, ...)."""
     for config_class, cls in SPACES.values():
         if type(config) is config_class:
             return cls
@@ -88,8 +84,8 @@ __all__ = [
     "HydraConfig",
     "HydraSpace",
     "LayerModules",
+    "LoraConfig",
     "LoraSpace",
-    "LowRankConfig",
     "ParallelConfig",
     "ParallelSpace",
     "ProjectedSpace",

@@ -21,18 +21,16 @@ from torch import nn
 
 from dfo_lora.backbone.registry import mlp_site
 from dfo_lora.errors import UserError
-from dfo_lora.lowrank.layer import projection_shape
-from dfo_lora.lowrank.space import ProjectionMoments, whitened_top_directions
 from dfo_lora.spaces.adapters.config import ParallelConfig, SeriesConfig, weights_per_site
 from dfo_lora.spaces.adapters.layer import AdapterModule, Stash, Tap
-from dfo_lora.spaces.base import (
-    LayerModules,
-    ProjectedSpace,
+from dfo_lora.spaces.base import LayerModules, Weights, lora_pair
+from dfo_lora.spaces.modules import projection_shape, wrap_module
+from dfo_lora.spaces.projection import ProjectedSpace
+from dfo_lora.spaces.statistics import (
+    ProjectionMoments,
     SpaceStatistics,
     StatisticsRequest,
-    Weights,
-    lora_pair,
-    wrap_module,
+    whitened_top_directions,
 )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfo_lora.lowrank.layer import OutSlice, add_to_columns
+from dfo_lora.spaces.modules import OutSlice, add_to_columns
 
 
 class BiasShift(nn.Module):

@@ -13,16 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfo_lora.lowrank.layer import out_width, projection_shape
-from dfo_lora.spaces.base import (
-    LayerModules,
-    ProjectedSpace,
-    SpaceStatistics,
-    Weights,
-    wrap_module,
-)
+from dfo_lora.spaces.base import LayerModules, Weights
 from dfo_lora.spaces.bitfit.config import BitfitConfig
 from dfo_lora.spaces.bitfit.layer import BiasShift
+from dfo_lora.spaces.modules import out_width, projection_shape, wrap_module
+from dfo_lora.spaces.projection import ProjectedSpace
+from dfo_lora.spaces.statistics import SpaceStatistics
 
 
 class BitfitLayer(dict):

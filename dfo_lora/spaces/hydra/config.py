@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dfo_lora.errors import UserError, check_positive, check_targets, did_you_mean
-from dfo_lora.lowrank import DEFAULT_TARGETS
+from dfo_lora.spaces.lora.config import DEFAULT_TARGETS
 
 # How the shared A is set: searched (z -> A, the heads and the router; HydraLoRA's trained
 # matrices) or pca (A fixed to the top-r principal directions of the projection's input,

@@ -1,6 +1,6 @@
 """A projection with HydraLoRA deltas, one committed or P batched candidates per target.
 
-Per target t (an output slice of the module, as in `AdaptedProjection`) with A (r, in),
+Per target t (an output slice of the module, as in LoRA's `LoraProjection`) with A (r, in),
 B (N, out, r) and router R (N, in):
 
     y[..., slice_t] += sum_i softmax(x R^T)_i * (B_i A x)
@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfo_lora.lowrank.layer import OutSlice, add_to_columns, out_width, projection_shape
+from dfo_lora.spaces.modules import (
+    OutSlice,
+    add_to_columns,
+    out_width,
+    projection_shape,
+    wrap_module,
+)
 
 HydraWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # A, B, R
 
@@ -80,8 +86,6 @@ def install_hydra(
     layer: nn.Module, targets: dict[str, tuple[str, tuple[int, int] | None]]
 ) -> dict[str, HydraProjection]:
     """Wrap a layer's target modules once: {target: (module path, out slice)} -> wrappers."""
-    from dfo_lora.spaces.base import wrap_module
-
     wrappers: dict[str, HydraProjection] = {}
     for target, (path, out_slice) in targets.items():
         module = wrap_module(

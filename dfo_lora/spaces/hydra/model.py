@@ -19,16 +19,16 @@ import torch
 from torch import nn
 
 from dfo_lora.errors import UserError
-from dfo_lora.lowrank.space import ProjectionMoments, whitened_top_directions
-from dfo_lora.spaces.base import (
-    LayerModules,
-    ProjectedSpace,
-    SpaceStatistics,
-    StatisticsRequest,
-    Weights,
-)
+from dfo_lora.spaces.base import LayerModules, Weights
 from dfo_lora.spaces.hydra.config import HydraConfig
 from dfo_lora.spaces.hydra.layer import HydraProjection, install_hydra
+from dfo_lora.spaces.projection import ProjectedSpace
+from dfo_lora.spaces.statistics import (
+    ProjectionMoments,
+    SpaceStatistics,
+    StatisticsRequest,
+    whitened_top_directions,
+)
 
 
 class HydraLayer(dict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfo_lora.spaces.base import SPACE_HOOK
+from dfo_lora.spaces.modules import SPACE_HOOK
 
 
 class PromptShift:

@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from dfo_lora.errors import UserError
-from dfo_lora.spaces.base import LayerModules, ProjectedSpace, SpaceStatistics, Weights
+from dfo_lora.spaces.base import LayerModules, Weights
+from dfo_lora.spaces.projection import ProjectedSpace
 from dfo_lora.spaces.prompt.config import PromptConfig
 from dfo_lora.spaces.prompt.layer import PromptShift, prompt_shift
+from dfo_lora.spaces.statistics import SpaceStatistics
 
 
 def prompt_token_ids(config: PromptConfig, vocab_size: int) -> list[int]:

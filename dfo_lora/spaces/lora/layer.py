@@ -1,6 +1,7 @@
-"""A projection with low-rank deltas that can hold P candidates at once.
+"""A projection with low-rank deltas that can hold P candidates at once, and one layer's
+such projections by target (`LoraLayer`, the `LayerModules` of the LoRA space).
 
-`AdaptedProjection` wraps one frozen projection (nn.Linear or GPT-2's Conv1D) and adds
+`LoraProjection` wraps one frozen projection (nn.Linear or GPT-2's Conv1D) and adds
 `B_t @ A_t @ x` to the output slice of each target t it carries (one slice for a plain
 projection; q, k, v slices of GPT-2's fused c_attn). Per target it holds either
 
@@ -21,55 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfo_lora.spaces.base import Weights
+from dfo_lora.spaces.modules import OutSlice, add_to_columns, out_width, projection_shape
+
 Factors = tuple[torch.Tensor, torch.Tensor]
-# A target's output columns in its module: None (all of them), (start, stop) for a slice of
-# a fused module (GPT-2's c_attn), or several (start, stop) ranges for interleaved layouts
-# (GPT-NeoX's query_key_value holds [q | k | v] per head).
-OutSlice = tuple[int, int] | tuple[tuple[int, int], ...] | None
 
 
-def out_columns(out_slice: OutSlice) -> slice | list[int]:
-    """An index for a target's output columns (last dim of outputs, first of Linear weights)."""
-    if out_slice is None:
-        return slice(None)
-    if isinstance(out_slice[0], int):
-        return slice(*out_slice)
-    return [col for start, stop in out_slice for col in range(start, stop)]
-
-
-def out_width(out_slice: OutSlice, out_features: int) -> int:
-    """How many output columns a target owns."""
-    cols = out_columns(out_slice)
-    return len(range(out_features)[cols]) if isinstance(cols, slice) else len(cols)
-
-
-def add_to_columns(out: torch.Tensor, out_slice: OutSlice, delta: torch.Tensor) -> None:
-    """out[..., target's columns] += delta, in place."""
-    if out_slice is None:
-        out.add_(delta)
-    else:
-        out[..., out_columns(out_slice)] += delta
-
-
-def projection_shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or a Conv1D (weight stored as (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    weight = module.weight
-    return weight.shape[0], weight.shape[1]
-
-
-def merge_delta(module: nn.Module, delta: torch.Tensor, out_slice: OutSlice) -> None:
-    """Add a dense delta (out, in) into the frozen weight in place (export, references)."""
-    cols = out_columns(out_slice)
-    with torch.no_grad():
-        if isinstance(module, nn.Linear):
-            module.weight[cols] += delta.to(module.weight.dtype)
-        else:  # Conv1D: y = x @ W + b with W (in, out)
-            module.weight[:, cols] += delta.T.to(module.weight.dtype)
-
-
-class AdaptedProjection(nn.Module):
+class LoraProjection(nn.Module):
     """A frozen projection plus, per target slice, one committed or P batched deltas."""
 
     is_space_wrapper = True  # dfo_lora.spaces.unwrap_all replaces it by `base`
@@ -151,17 +110,47 @@ class AdaptedProjection(nn.Module):
 
 def install_adapters(
     layer: nn.Module, targets: dict[str, tuple[str, OutSlice]]
-) -> dict[str, AdaptedProjection]:
+) -> dict[str, LoraProjection]:
     """Wrap a layer's target modules once: {target: (module path, out slice)} -> wrappers."""
-    wrappers: dict[str, AdaptedProjection] = {}
+    wrappers: dict[str, LoraProjection] = {}
     for target, (path, out_slice) in targets.items():
         parent_path, _, attr = path.rpartition(".")
         parent = layer.get_submodule(parent_path) if parent_path else layer
         module = getattr(parent, attr)
-        if not isinstance(module, AdaptedProjection):
-            module = AdaptedProjection(module)
+        if not isinstance(module, LoraProjection):
+            module = LoraProjection(module)
             setattr(parent, attr, module)
         module.add_target(target, out_slice)
         module.set_committed(target, None)  # a reused backbone starts from the zero state
         wrappers[target] = module
     return wrappers
+
+
+class LoraLayer(dict):
+    """One layer's `LoraProjection`s by target (fused q/k/v share one module)."""
+
+    def __init__(self, wrappers: dict[str, LoraProjection], reads_input: dict[str, bool]):
+        super().__init__(wrappers)
+        self.reads_input = reads_input
+
+    def set_candidates(self, weights: Weights) -> None:
+        groups: dict[int, tuple[LoraProjection, dict]] = {}
+        for target, pair in weights.items():
+            module = self[target]
+            groups.setdefault(id(module), (module, {}))[1][target] = pair
+        for module, factors in groups.values():
+            # The layer input is the same in every stacked block: share base and A x.
+            shared = all(self.reads_input[t] for t in factors)
+            module.set_candidates(factors, shared_input=shared)
+
+    def clear_candidates(self) -> None:
+        for module in {id(m): m for m in self.values()}.values():
+            module.clear_candidates()
+
+    def commit(self, weights: Weights | None) -> None:
+        for target, module in self.items():
+            if weights is None:
+                module.set_committed(target, None)
+            else:
+                a, b = weights[target]
+                module.set_committed(target, (a[0], b[0]))
