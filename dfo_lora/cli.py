@@ -381,7 +381,7 @@ def cmd_eval(args) -> int:
     run's settings except where the data, the base model, the device, the dtype or the
     test subset has been given again; these are coerced and validated as tune's are."""
     from dfo_lora.config import coerce
-    from dfo_lora.search.run import load_tuned
+    from dfo_lora.search.tuned import load_tuned
 
     run_dir = Path(args.run)
     given = {

@@ -38,116 +38,9 @@ from torch import nn
 
 from dfo_lora.errors import UserError, did_you_mean
 from dfo_lora.fileio import create_temp_dir, honour_umask
+from dfo_lora.search.tuned import STATES, Factors, read_factors
 
 FORMATS = ("peft", "merged", "native")
-STATES = ("best", "final")
-Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, target) -> (A, B)
-
-
-def factor_tensors(factors: dict[str, np.ndarray], state: str) -> dict[str, np.ndarray]:
-    """A server's `state_factors` ("<layer>.<target>.A|B") as entries of one state."""
-    return {f"{state}.{key}": np.ascontiguousarray(value) for key, value in factors.items()}
-
-
-def read_factors(tensors: dict[str, np.ndarray], state: str | None = None) -> Factors:
-    """LoRA's factors from "<layer>.<target>.A|B" arrays (with `state`: from the entries
-    "<state>.<layer>.<target>.A|B" of tuned.safetensors)."""
-    if state is not None:
-        prefix = f"{state}."
-        tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    factors: Factors = {}
-    for key, value in tensors.items():
-        parts = key.split(".")
-        if len(parts) == 3 and parts[2] == "A":
-            layer, target = int(parts[0]), parts[1]
-            b = tensors[f"{layer}.{target}.B"]
-            factors[(layer, target)] = (torch.from_numpy(value), torch.from_numpy(b))
-    return factors
-
-
-# Each space's tensors of one state at one layer, by the sizes that name their dimensions:
-# an attribute of the space's config (rank, heads, size) must equal it; "in" and "out" are
-# the module's widths, the same for a group in every layer and state. A space missing
-# here is checked by its tensor names only.
-STATE_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
-    "lora": {"A": ("rank", "in"), "B": ("out", "rank")},
-    "hydra": {"A": ("rank", "in"), "B": ("heads", "out", "rank"), "router": ("heads", "in")},
-    "series": {"down": ("size", "in"), "up": ("out", "size")},
-    "parallel": {"down": ("size", "in"), "up": ("out", "size")},
-    "bitfit": {"bias": ("out",)},
-    "prompt": {"shift": ("length", "out")},
-    "deep-prompt": {"shift": ("length", "out")},
-}
-
-
-def check_state_tensors(
-    path: Path,
-    tensors: dict[str, np.ndarray],
-    space: str,
-    config,
-    source: str,
-    states: bool = False,
-    layers: int | None = None,
-) -> None:
-    """A state's weights ("<layer>.<group>.<name>"; with `states`, "<state>.<layer>..." as
-    in tuned.safetensors) agree with the space's `config`, read from `source`: known names,
-    the config's groups (targets), shapes of the config's rank / heads / size, widths equal
-    across layers, every tensor of a group there. One line naming the file and the tensor,
-    so an edited or mismatched file stops here, not as a traceback inside peft or torch."""
-    from dfo_lora.spaces import SPACES
-
-    names = SPACES[space][1].tensor_names
-    shapes = STATE_SHAPES.get(space, {})
-    groups = getattr(config, "targets", None) or {"parallel": ("mlp",)}.get(space)
-    widths: dict[tuple[str, str], tuple[int, str]] = {}
-    found: dict[tuple[str, int, str], set[str]] = {}
-    for key, array in sorted(tensors.items()):
-        parts = key.split(".")
-        state = parts.pop(0) if states else ""
-        if (
-            (states and state not in STATES)
-            or len(parts) < 3
-            or not parts[0].isdigit()
-            or parts[-1] not in names
-        ):
-            form = "<state>.<layer>.<group>.<name>" if states else "<layer>.<group>.<name>"
-            raise UserError(
-                f"{path}: tensor {key!r} is not {form} with a {space} name "
-                f"({', '.join(names)}); the file was edited or is another space's"
-            )
-        layer, group, name = int(parts[0]), ".".join(parts[1:-1]), parts[-1]
-        if layers is not None and layer >= layers:
-            raise UserError(f"{path}: tensor {key!r} is for layer {layer}, the run has {layers}")
-        if groups is not None and group not in groups:
-            raise UserError(
-                f"{path}: tensor {key!r} adapts {group!r}, not one of {','.join(groups)} "
-                f"(targets in {source})"
-            )
-        spec = shapes.get(name)
-        if spec is not None:
-            want = tuple(getattr(config, s) if hasattr(config, s) else s for s in spec)
-            if array.ndim != len(spec) or not all(
-                w == d for w, d in zip(want, array.shape, strict=True) if isinstance(w, int)
-            ):
-                sizes = ", ".join(f"{s} {getattr(config, s)}" for s in spec if hasattr(config, s))
-                raise UserError(
-                    f"{path}: tensor {key!r} has shape {tuple(array.shape)}, expected "
-                    f"({', '.join(map(str, want))}) ({sizes} in {source})"
-                )
-            for symbol, size in zip(spec, array.shape, strict=True):
-                if not hasattr(config, symbol):
-                    seen, where = widths.setdefault((group, symbol), (size, key))
-                    if seen != size:
-                        raise UserError(
-                            f"{path}: tensor {key!r} has {symbol} width {size}, {where!r} "
-                            f"{seen}; the tensors are not of one model"
-                        )
-        found.setdefault((state, layer, group), set()).add(name)
-    for (state, layer, group), have in found.items():
-        if set(names) - have:
-            missing = ", ".join(n for n in names if n not in have)
-            prefix = f"{state}." if states else ""
-            raise UserError(f"{path}: {prefix}{layer}.{group} has no {missing} tensor")
 
 
 def merge_into(model: nn.Module, arch, factors: Factors) -> None:
@@ -251,7 +144,7 @@ def check_mergeable(space: str, fmt: str) -> None:
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, state: str = "best") -> Path:
     """Export a finished run's tuned state (checks first, then writes `out` atomically)."""
-    from dfo_lora.search.run import load_tuned_state
+    from dfo_lora.search.tuned import load_tuned_state
 
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:

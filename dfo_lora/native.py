@@ -102,8 +102,8 @@ def read_weights(folder: Path, space: str, config) -> dict[str, np.ndarray]:
     """weights.safetensors read back whole (it parses, every tensor is finite) and of the
     manifest's space (names, rank / heads / size), each failure one line naming the file
     and the tensor: the checks every run file gets (`checkpoint.read_safetensors`)."""
-    from dfo_lora.export import check_state_tensors
     from dfo_lora.search.checkpoint import read_safetensors
+    from dfo_lora.search.tuned import check_state_tensors
 
     path = folder / WEIGHTS
     tensors, _ = read_safetensors(path, hint="; re-export the run (dfo-lora export RUN)")

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from dfo_lora.bench import plain_model_copy
 from dfo_lora.config import TuneConfig
-from dfo_lora.export import factor_tensors, merge_into, read_factors, save_peft
+from dfo_lora.export import merge_into, save_peft
 from dfo_lora.search.run import tune
+from dfo_lora.search.tuned import factor_tensors, read_factors
 from dfo_lora.server.factory import build_server
 from tests.test_cli import one_line_error, run_cli
 from tests.test_server_exactness import ARCHS, VERBALIZER, make_server, rel_err

@@ -76,7 +76,8 @@ def test_export_of_a_smollm2_run_gives_the_tool_logits(tmp_path):
     from dfo_lora.backbone.loading import resolve_source
     from dfo_lora.config import TuneConfig
     from dfo_lora.export import export_run
-    from dfo_lora.search.run import load_tuned, tune
+    from dfo_lora.search.run import tune
+    from dfo_lora.search.tuned import load_tuned
     from tests.test_export import exported_logits
     from tests.test_server_exactness import rel_err
 
@@ -116,7 +117,8 @@ def test_native_export_of_a_smollm2_hydra_run_gives_the_tool_logits(tmp_path):
     import dfo_lora
     from dfo_lora.config import TuneConfig
     from dfo_lora.export import export_run
-    from dfo_lora.search.run import load_tuned, tune
+    from dfo_lora.search.run import tune
+    from dfo_lora.search.tuned import load_tuned
     from tests.test_export import exported_logits
     from tests.test_server_exactness import rel_err
 

@@ -50,7 +50,7 @@ def runs(tiny_llama_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("space", SPACES)
 def test_native_export_of_a_run_gives_the_tool_logits(space, runs, tmp_path):
-    from dfo_lora.search.run import load_tuned
+    from dfo_lora.search.tuned import load_tuned
 
     run = runs(space)
     z_best, config = load_tuned(run)

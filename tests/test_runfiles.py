@@ -28,7 +28,8 @@ from dfo_lora.export import export_run
 from dfo_lora.native import MANIFEST, WEIGHTS
 from dfo_lora.search import checkpoint
 from dfo_lora.search.checkpoint import load_state, read_safetensors
-from dfo_lora.search.run import CHECKPOINT, load_tuned, tune
+from dfo_lora.search.run import CHECKPOINT, tune
+from dfo_lora.search.tuned import load_tuned
 from tests.test_search import tiny_config
 
 RUN_FILES = ("config.yaml", "results.json", "tuned.safetensors", "log.jsonl")

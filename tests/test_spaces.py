@@ -458,7 +458,8 @@ def test_tune_end_to_end(name, tiny_llama_dir, tmp_path):
     rebuilds the same space from the run's config and gets the tuned dev metric back."""
     import json
 
-    from dfo_lora.search.run import load_tuned, tune
+    from dfo_lora.search.run import tune
+    from dfo_lora.search.tuned import load_tuned
     from dfo_lora.server.factory import build_server
     from tests.test_search import tiny_config
 

@@ -12,7 +12,7 @@ _EXPORTS = {
     "LayerwiseSearch": "dfo_lora.search.loop",
     "layer_order": "dfo_lora.search.policy",
     "rounds_for": "dfo_lora.search.policy",
-    "load_tuned": "dfo_lora.search.run",
+    "load_tuned": "dfo_lora.search.tuned",
     "tune": "dfo_lora.search.run",
 }
 

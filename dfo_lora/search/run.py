@@ -11,7 +11,8 @@ Output folder:
 - `tuned.safetensors` z per layer of the best-dev state (+ the space's settings), which
                        `dfo-lora eval` loads, and the fp32 weights of the best and the final
                        state (the space's `export_tensors`; LoRA: factors A, B), which
-                       `dfo-lora export` writes as PEFT, merged or native weights;
+                       `dfo-lora export` writes as PEFT, merged or native weights (the
+                       format, its writer and its checked reader: `search/tuned.py`);
 - `.lock`             while the run lives: its pid and host (`outdir`: one run per folder,
                        --overwrite removes only these files).
 
@@ -27,21 +28,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from dfo_lora.config import TuneConfig, load_config, read_yaml_mapping
+from dfo_lora.config import TuneConfig, load_config
 from dfo_lora.errors import UserError
-from dfo_lora.export import check_state_tensors, factor_tensors
 from dfo_lora.search import outdir
 from dfo_lora.search.callbacks import JsonlLog, ProgressBar, tensorboard_if_available
 from dfo_lora.search.checkpoint import (
     atomic_write_bytes,
-    atomic_write_safetensors,
     load_state,
-    read_safetensors,
     save_state,
 )
 from dfo_lora.search.loop import LayerwiseSearch
+from dfo_lora.search.tuned import factor_tensors, save_tuned
 
 CHECKPOINT = Path("checkpoint") / "state.safetensors"
 DEFAULT_OUT = Path("runs") / "latest"  # a run's folder when none is given
@@ -250,131 +248,3 @@ def server_metric(server) -> str:
 
 def server_notes(server) -> list[str]:
     return list(server.info().get("notes", []))
-
-
-def save_tuned(
-    path: Path,
-    z: np.ndarray,
-    config: TuneConfig,
-    factors: dict[str, np.ndarray] | None = None,
-    space_state: dict | None = None,
-) -> None:
-    """The tuned state: z per layer (the config, in metadata, rebuilds the same
-    projections), the fp32 weights of the best and final states (LoRA's factors, for
-    `export`) and the space's own state (name, seed, sigma_hat) as JSON metadata."""
-    arrays = {"z": np.ascontiguousarray(z), **(factors or {})}
-    metadata = {"config": config.to_yaml()}
-    if space_state is not None:
-        metadata["space"] = json.dumps(space_state)
-    atomic_write_safetensors(path, arrays, metadata)  # the umask's mode, as open() gives
-
-
-def load_tuned_state(run_dir: Path, state: str = "best"):
-    """The fp32 weights of a run's best or final state ("<layer>.<group>.<name>", the
-    space's `export_tensors`; LoRA: the factors A, B) and its config, for `export`."""
-    tensors, config = _read_tuned(run_dir, "export")
-    if not any(key.startswith(("best.", "final.")) for key in tensors):
-        if np.any(tensors["z"]):
-            raise UserError(
-                f"export: {run_dir}/tuned.safetensors holds z only (tuned before exports "
-                f"existed); re-run it: dfo-lora tune --config {run_dir}/config.yaml --out NEW"
-            )
-    prefix = f"{state}."
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, config
-
-
-def load_tuned(run_dir: Path) -> tuple[np.ndarray, TuneConfig]:
-    """The best-dev z (layers, intrinsic_dim) of a finished run and its config.yaml."""
-    tensors, config = _read_tuned(run_dir)
-    return tensors["z"], config
-
-
-# What a damaged tuned.safetensors leaves: the checkpoint still holds the best-dev state.
-TUNED_HINT = "; rewrite it from the run's checkpoint with dfo-lora tune --resume {run}"
-
-
-def _read_tuned(run_dir: Path, command: str = "eval") -> tuple[dict[str, np.ndarray], TuneConfig]:
-    """Every array of tuned.safetensors and the run's config.yaml, read back whole: the
-    file parses, every tensor is finite (`checkpoint.read_safetensors`), its metadata
-    (config, space) agrees with config.yaml, z is (layers, intrinsic_dim) and the best and
-    final weights have the space's shapes (`export.check_state_tensors`). Each failure is
-    one line naming the file and the tensor or field."""
-    run_dir = Path(run_dir)
-    path = run_dir / "tuned.safetensors"
-    if not path.is_file():
-        raise UserError(f"{command}: {path} does not exist (is {run_dir} a finished run?)")
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"{command}: {saved} does not exist (is {run_dir} a finished run?)")
-    config = load_config(saved)
-    hint = TUNED_HINT.format(run=run_dir)
-    tensors, meta = read_safetensors(path, hint=hint)
-    _check_tuned_metadata(path, meta, saved)
-    space = _space_metadata(path, meta, config)
-    layers = len(space["sigma_hat"]) if isinstance(space.get("sigma_hat"), list) else None
-    z = tensors.get("z")
-    if z is None:
-        raise UserError(f"{path}: no tensor 'z'{hint}")
-    if z.ndim != 2 or z.shape[1] != config.intrinsic_dim or layers not in (None, z.shape[0]):
-        rows = "layers" if layers is None else layers
-        raise UserError(
-            f"{path}: tensor 'z' has shape {tuple(z.shape)}, expected ({rows}, "
-            f"{config.intrinsic_dim}) (intrinsic_dim in {saved}){hint}"
-        )
-    factors = {k: v for k, v in tensors.items() if k != "z"}
-    check_state_tensors(
-        path, factors, config.space, config.space_config(), str(saved), True, z.shape[0]
-    )
-    if factors:  # the best weights are z's: one entry per layer that z changes
-        best = sorted({int(k.split(".")[1]) for k in factors if k.startswith("best.")})
-        changed = [int(i) for i in np.flatnonzero(np.any(z != 0, axis=1))]
-        if best != changed:
-            raise UserError(
-                f"{path}: z changes layers {changed} but the best weights are for layers "
-                f"{best}; the file was edited{hint}"
-            )
-    return tensors, config
-
-
-# Where a run reads from and runs on, not what it tuned: `dfo-lora eval` takes them again.
-WHERE_FIELDS = ("model", "data_dir", "device", "dtype", "test_limit")
-
-
-def _check_tuned_metadata(path: Path, meta: dict, saved: Path) -> None:
-    """tuned.safetensors' copy of the config equals config.yaml (both are written by the
-    same tune): a difference means one was edited or they are two runs' files."""
-    try:
-        values = yaml.safe_load(meta["config"])
-    except KeyError:
-        raise UserError(f"{path}: no 'config' metadata (not a tuned.safetensors)") from None
-    except yaml.YAMLError:
-        raise UserError(f"{path}: its 'config' metadata is not YAML") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: its 'config' metadata is not a mapping")
-    want = read_yaml_mapping(saved)  # as written, so fields added since compare equal
-    diff = [k for k in {**want, **values} if values.get(k) != want.get(k)]
-    if diff:
-        shown = ", ".join(f"{k} ({values.get(k)!r} vs {want.get(k)!r})" for k in diff[:4])
-        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-        why = "one was edited or they are two runs' files"
-        if set(diff) <= set(WHERE_FIELDS):  # a moved model or data folder, edited in by hand
-            why = "put config.yaml back (eval takes --model, --data-dir, --device, --dtype again)"
-        raise UserError(f"{path}: its config metadata differs from {saved} in {shown}{more}; {why}")
-
-
-def _space_metadata(path: Path, meta: dict, config: TuneConfig) -> dict:
-    """The space's saved state (name, seed, sigma_hat); {} in files from before it."""
-    if "space" not in meta:
-        return {}
-    try:
-        space = json.loads(meta["space"])
-    except ValueError:
-        raise UserError(f"{path}: its 'space' metadata is not JSON") from None
-    if not isinstance(space, dict):
-        raise UserError(f"{path}: its 'space' metadata is not a mapping")
-    for key, want in (("space", config.space), ("seed", config.seed)):
-        if key in space and space[key] != want:
-            raise UserError(
-                f"{path}: its space metadata has {key} {space[key]!r}, config.yaml {want!r}"
-            )
-    return space

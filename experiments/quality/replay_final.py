@@ -30,7 +30,7 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
-from dfo_lora.search.run import load_tuned
+from dfo_lora.search.tuned import load_tuned
 from dfo_lora.server.factory import build_server
 
 HERE = Path(__file__).resolve().parent
