@@ -29,8 +29,7 @@ from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported
 )
 from dfo_lora.server import LOSSES, ServerOptions
 from dfo_lora.server.factory import ServerSpec
-from dfo_lora.spaces import SPACE_NAMES, check_space_name, space_config
-from dfo_lora.spaces.lora import DEFAULT_TARGETS, LoraConfig
+from dfo_lora.spaces import check_space_name, option_users, space_config
 
 
 def opt(default, help_text: str, shown: str | None = None):
@@ -286,35 +285,7 @@ class TuneConfig:
 
     def space_config(self):
         """The chosen space's config (dfo_lora.spaces), from the run's values."""
-        if self.space == "lora":  # the paper's space: its config type is unchanged
-            return LoraConfig(
-                targets=tuple(self.targets or DEFAULT_TARGETS),
-                rank=self.rank,
-                intrinsic_dim=self.intrinsic_dim,
-                alpha=self.alpha,
-                sigma=self.sigma,
-                seed=self.seed,
-                a_factor=self.a_factor,
-                b_basis=self.b_basis,
-                basis_dim=self.basis_dim,
-            )
-        values = dict(
-            rank=self.rank,
-            heads=self.hydra_heads,
-            a_factor=self.a_factor,
-            size=self.adapter_size,
-            down=self.adapter_down,
-            length=self.prompt_length,
-            intrinsic_dim=self.intrinsic_dim,
-            alpha=self.alpha,
-            sigma=self.sigma,
-            seed=self.seed,
-        )
-        if self.space == "hydra":
-            values["targets"] = tuple(self.targets or DEFAULT_TARGETS)
-        elif self.space in ("series", "bitfit"):
-            values["targets"] = tuple(self.targets) if self.targets else None
-        return space_config(self.space, **values)
+        return space_config(self.space, self)
 
     def server_spec(self) -> ServerSpec:
         return ServerSpec(
@@ -356,19 +327,9 @@ def _check_choice(name: str, value, choices) -> None:
 
 FIELD_TYPES = typing.get_type_hints(TuneConfig)
 
-# Options that only some spaces read (the others refuse a value other than the default).
-SPACE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "targets": ("lora", "hydra", "series", "bitfit"),
-    "rank": ("lora", "hydra"),
-    "a_factor": ("lora", "hydra"),
-    "b_basis": ("lora",),
-    "basis_dim": ("lora",),
-    "hydra_heads": ("hydra",),
-    "adapter_size": ("series", "parallel"),
-    "adapter_down": ("series", "parallel"),
-    "prompt_length": ("prompt", "deep-prompt"),
-}
-assert all(s in SPACE_NAMES for spaces in SPACE_OPTIONS.values() for s in spaces)
+# Options that only some spaces read (the others refuse a value other than the default),
+# from the spaces' configs.
+SPACE_OPTIONS: dict[str, tuple[str, ...]] = option_users()
 
 
 def coerce(name: str, value, where: str = ""):

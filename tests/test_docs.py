@@ -35,7 +35,12 @@ def test_quality_sweep_runs_the_recommended_search():
     recommended = yaml.safe_load((ROOT / "experiments/configs/recommended.yaml").read_text())
     sweep = yaml.safe_load((ROOT / "experiments/quality/quality.yaml").read_text())
     assert {k: sweep["config"][k] for k in recommended} == recommended
+    assert recommended["optimizer"] in sweep["grid"]["method"]
     assert "recommended.yaml" in (ROOT / "Makefile").read_text()  # make demo uses it
+    # The sweep that measured it (rows esgrad/1800): its grid's optimizer and its config.
+    lever = yaml.safe_load((ROOT / "experiments/quality/levers/esgrad.yaml").read_text())
+    values = {**lever["config"], "optimizer": lever["grid"]["optimizer"][0]}
+    assert {k: values.get(k) for k in recommended} == recommended
 
 
 def test_quickstart_notebook_runs_end_to_end(monkeypatch, tmp_path):

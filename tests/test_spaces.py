@@ -553,3 +553,26 @@ def test_space_imports_run_from_the_shared_modules_to_the_space_folders():
         allowed = {"dfo_lora.spaces.lora.config"} if folder == "hydra" else set()
         assert others <= allowed, (folder, others)
     assert not any(m.startswith("dfo_lora.server") for ms in imported.values() for m in ms)
+
+
+def test_each_space_declares_the_run_keys_it_reads():
+    """A space config's fields are set from the run config's keys of the same name, or the
+    one its RUN_KEYS names; the config refuses a key of another space from those lists."""
+    from dataclasses import fields
+
+    from dfo_lora.config import SPACE_OPTIONS
+    from dfo_lora.spaces import SPACES, run_keys
+
+    known = {f.name for f in fields(TuneConfig)}
+    for name, (config_class, _) in SPACES.items():
+        assert set(run_keys(config_class).values()) <= known, name
+    assert run_keys(SPACES["hydra"][0])["heads"] == "hydra_heads"
+    assert SPACE_OPTIONS["hydra_heads"] == ("hydra",)
+    assert SPACE_OPTIONS["prompt_length"] == ("prompt", "deep-prompt")
+    assert "intrinsic_dim" not in SPACE_OPTIONS  # every space reads it
+    config = TuneConfig(space="hydra", hydra_heads=5, targets=["v", "o"], seed=7)
+    assert config.space_config() == SPACES["hydra"][0](
+        targets=("v", "o"), heads=5, seed=7, intrinsic_dim=500
+    )
+    with pytest.raises(UserError, match="hydra_heads: not used by the lora space"):
+        TuneConfig(hydra_heads=5).validate()

@@ -18,6 +18,8 @@ know this registry.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dfo_lora.errors import UserError, did_you_mean
 from dfo_lora.spaces.adapters import ParallelConfig, ParallelSpace, SeriesConfig, SeriesSpace
 from dfo_lora.spaces.base import LayerModules, SearchSpace, Weights, take
@@ -61,15 +63,36 @@ def space_name(config) -> str:
     return space_class(config).name
 
 
-def space_config(name: str, **values):
-    """The config of space `name` from the values its config class takes (others ignored:
-    the run config checks that no option of another space was set)."""
-    import dataclasses
+def run_keys(config_class: type) -> dict[str, str]:
+    """A space config's fields -> the run config's keys that set them (the same name unless
+    the class's `RUN_KEYS` renames it: hydra's `heads` is the run's `hydra_heads`)."""
+    renamed = getattr(config_class, "RUN_KEYS", {})
+    return {f.name: renamed.get(f.name, f.name) for f in dataclasses.fields(config_class)}
 
+
+def space_config(name: str, run):
+    """The config of space `name` from a run's values (`run`: any object with the run
+    config's keys as attributes, e.g. a TuneConfig). A value of None keeps the space's
+    own default (targets not given: lora's q,k, series' residual writers); lists become
+    tuples."""
     check_space_name(name)
     config_class = SPACES[name][0]
-    known = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(**{k: v for k, v in values.items() if k in known})
+    values = {}
+    for field_name, key in run_keys(config_class).items():
+        value = getattr(run, key)
+        if value is not None:
+            values[field_name] = tuple(value) if isinstance(value, list) else value
+    return config_class(**values)
+
+
+def option_users() -> dict[str, tuple[str, ...]]:
+    """Run-config keys that only some spaces read -> those spaces, in registry order (a run
+    of another space must leave the key at its default)."""
+    users: dict[str, list[str]] = {}
+    for name, (config_class, _) in SPACES.items():
+        for key in run_keys(config_class).values():
+            users.setdefault(key, []).append(name)
+    return {key: tuple(names) for key, names in users.items() if len(names) < len(SPACES)}
 
 
 __all__ = [
@@ -97,6 +120,8 @@ __all__ = [
     "Weights",
     "check_space_name",
     "space_class",
+    "option_users",
+    "run_keys",
     "space_config",
     "space_name",
     "take",

@@ -35,6 +35,7 @@ class SeriesConfig:
     residual stream (o: after attention; down / proj / output: after the MLP)."""
 
     name: ClassVar[str] = "series"
+    RUN_KEYS: ClassVar[dict[str, str]] = {"size": "adapter_size", "down": "adapter_down"}
     # residual-writing projections (registry names); None: all of them (o, MLP output)
     targets: tuple[str, ...] | None = None
     size: int = 8  # bottleneck width m: down (m, H), up (H, m)
@@ -71,6 +72,7 @@ class ParallelConfig:
     """An adapter beside each layer's MLP: MLP(x) + up(tanh(down(x))), x the MLP's input."""
 
     name: ClassVar[str] = "parallel"
+    RUN_KEYS: ClassVar[dict[str, str]] = {"size": "adapter_size", "down": "adapter_down"}
     size: int = 8  # bottleneck width m: down (m, H), up (H, m)
     intrinsic_dim: int = 500  # d: entries of z per layer
     alpha: float = 1.0  # projection std multiplier

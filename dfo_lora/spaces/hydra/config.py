@@ -19,6 +19,8 @@ class HydraConfig:
     """Per adapted projection: y += sum_i softmax(R x)_i B_i A x."""
 
     name: ClassVar[str] = "hydra"
+    # config field -> the run config's key for it, where they differ (`dfo_lora.spaces`)
+    RUN_KEYS: ClassVar[dict[str, str]] = {"heads": "hydra_heads"}
     targets: tuple[str, ...] = DEFAULT_TARGETS  # projections adapted in every layer
     rank: int = 4  # r of the shared A (r, in) and of every head B_i (out, r)
     heads: int = 3  # N: B heads, mixed per token by the router Linear(in, N)

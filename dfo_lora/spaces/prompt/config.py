@@ -17,6 +17,7 @@ class PromptConfig:
 
     name: ClassVar[str] = "prompt"
     deep: ClassVar[bool] = False
+    RUN_KEYS: ClassVar[dict[str, str]] = {"length": "prompt_length"}
     length: int = 50  # prompt tokens (BBT: 50)
     intrinsic_dim: int = 500  # d: entries of z per layer (BBT: 500)
     alpha: float = 1.0  # projection std multiplier
