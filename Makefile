@@ -26,8 +26,8 @@ test: setup
 	$(BIN)/ruff check dfo_lora tests experiments
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
 
-# The recommended search on sst2 (seed 42): the task where it is measured above the
-# calibrated zero state (BENCHMARKS.md "Quality benchmark"; on mr it is not, yet).
+# The recommended search (experiments/configs/recommended.yaml: the estimated-gradient step,
+# 1,800 evaluations) on sst2, seed 42; it prints plain prompt, calibrated zero state and tuned.
 demo: setup
 	$(BIN)/dfo-lora tune --model smollm2-135m --task sst2 --k 16 --seed 42 \
 	  --config experiments/configs/recommended.yaml --out runs/demo --overwrite
