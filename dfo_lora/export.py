@@ -126,16 +126,9 @@ def check_mergeable(space: str, fmt: str) -> None:
     weights; the others change each token by a function of its input."""
     from dfo_lora.spaces import SPACES
 
-    if not SPACES[space][1].mergeable:
-        why = {
-            "hydra": "its router mixes the B heads per token",
-            "series": "its adapters apply tanh to each token's hidden state",
-            "parallel": "its adapters apply tanh to each token's hidden state",
-            "prompt": "it adds prompt tokens in front of the input",
-            "deep-prompt": "it adds prompt tokens in front of the input",
-            "bitfit": "its bias shifts are no weight delta (Llama's projections have no bias "
-            "to merge them into)",
-        }.get(space, "its change depends on the input")
+    kind = SPACES[space][1]
+    if fmt not in kind.export_formats():
+        why = kind.not_mergeable_because
         raise UserError(
             f"export: a {space} run cannot be exported as {fmt}: {why}, so it is no fixed "
             "weight delta to merge (only lora runs do); use --format native"

@@ -576,3 +576,23 @@ def test_each_space_declares_the_run_keys_it_reads():
     )
     with pytest.raises(UserError, match="hydra_heads: not used by the lora space"):
         TuneConfig(hydra_heads=5).validate()
+
+
+def test_each_space_declares_its_tensors_and_export_formats():
+    """The shapes tuned.safetensors is checked against and the export formats come from
+    the space classes: every tensor has its shape, and a space that cannot be merged says
+    why in its own words."""
+    from dfo_lora.export import check_mergeable
+    from dfo_lora.spaces import SPACES, SearchSpace
+
+    for name, (_, kind) in SPACES.items():
+        assert set(kind.tensor_shapes) == set(kind.tensor_names), name
+        if kind.mergeable:
+            assert kind.export_formats() == ("peft", "merged", "native")
+        else:
+            assert kind.export_formats() == ("native",), name
+            assert kind.not_mergeable_because != SearchSpace.not_mergeable_because, name
+            with pytest.raises(UserError, match=re.escape(kind.not_mergeable_because)):
+                check_mergeable(name, "peft")
+        check_mergeable(name, "native")
+    assert [n for n, (_, k) in SPACES.items() if k.mergeable] == ["lora"]

@@ -51,21 +51,6 @@ def read_factors(tensors: dict[str, np.ndarray], state: str | None = None) -> Fa
     return factors
 
 
-# Each space's tensors of one state at one layer, by the sizes that name their dimensions:
-# an attribute of the space's config (rank, heads, size) must equal it; "in" and "out" are
-# the module's widths, the same for a group in every layer and state. A space missing
-# here is checked by its tensor names only.
-STATE_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
-    "lora": {"A": ("rank", "in"), "B": ("out", "rank")},
-    "hydra": {"A": ("rank", "in"), "B": ("heads", "out", "rank"), "router": ("heads", "in")},
-    "series": {"down": ("size", "in"), "up": ("out", "size")},
-    "parallel": {"down": ("size", "in"), "up": ("out", "size")},
-    "bitfit": {"bias": ("out",)},
-    "prompt": {"shift": ("length", "out")},
-    "deep-prompt": {"shift": ("length", "out")},
-}
-
-
 def check_state_tensors(
     path: Path,
     tensors: dict[str, np.ndarray],
@@ -83,7 +68,7 @@ def check_state_tensors(
     from dfo_lora.spaces import SPACES
 
     names = SPACES[space][1].tensor_names
-    shapes = STATE_SHAPES.get(space, {})
+    shapes = SPACES[space][1].tensor_shapes  # sizes naming each tensor's dimensions
     groups = getattr(config, "targets", None) or {"parallel": ("mlp",)}.get(space)
     widths: dict[tuple[str, str], tuple[int, str]] = {}
     found: dict[tuple[str, int, str], set[str]] = {}

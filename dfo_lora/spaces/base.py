@@ -63,6 +63,12 @@ class SearchSpace(ABC):
 
     name: ClassVar[str]
     mergeable: ClassVar[bool] = False  # deltas() gives dense weight deltas
+    # Why a space that is not mergeable exports only as native (`dfo-lora export`).
+    not_mergeable_because: ClassVar[str] = "its change depends on the input"
+    # Each tensor of a group by the sizes naming its dimensions: an attribute of the
+    # space's config (rank, heads, size) or "in"/"out", the module's widths (checked when
+    # tuned.safetensors or a native export is read back).
+    tensor_shapes: ClassVar[dict[str, tuple[str, ...]]] = {}
     config: object
     sigma_hat: list[float]
 
@@ -122,6 +128,11 @@ class SearchSpace(ABC):
         }
 
     tensor_names: ClassVar[tuple[str, ...]] = ()  # names of each group's tensors
+
+    @classmethod
+    def export_formats(cls) -> tuple[str, ...]:
+        """The `dfo-lora export` formats of this space's runs."""
+        return ("peft", "merged", "native") if cls.mergeable else ("native",)
 
     def own_parameters(self, layer: int, generator: torch.Generator) -> Weights | None:
         """Trainable fp32 weights of the space's own modules at `layer` (P = 1), at their

@@ -73,6 +73,8 @@ class AdapterSpace(ProjectedSpace):
 
     mergeable = False
     tensor_names = ("down", "up")
+    tensor_shapes = {"down": ("size", "in"), "up": ("out", "size")}
+    not_mergeable_because = "its adapters apply tanh to each token's hidden state"
 
     def __init__(
         self,

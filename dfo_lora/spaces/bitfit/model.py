@@ -54,6 +54,10 @@ class BitfitSpace(ProjectedSpace):
     name = "bitfit"
     mergeable = False
     tensor_names = ("bias",)
+    tensor_shapes = {"bias": ("out",)}
+    not_mergeable_because = (
+        "its bias shifts are no weight delta (Llama's projections have no bias to merge them into)"
+    )
 
     def __init__(self, config: BitfitConfig, widths: dict[str, int], sigma_hat, device):
         self.widths = widths  # target -> output width, the same in every layer

@@ -59,6 +59,8 @@ class HydraSpace(ProjectedSpace):
     name = "hydra"
     mergeable = False
     tensor_names = ("A", "B", "router")
+    tensor_shapes = {"A": ("rank", "in"), "B": ("heads", "out", "rank"), "router": ("heads", "in")}
+    not_mergeable_because = "its router mixes the B heads per token"
 
     def __init__(
         self,

@@ -65,6 +65,7 @@ class LoraSpace(ProjectedSpace):
     name = "lora"
     mergeable = True
     tensor_names = ("A", "B")
+    tensor_shapes = {"A": ("rank", "in"), "B": ("out", "rank")}
 
     def __init__(
         self,

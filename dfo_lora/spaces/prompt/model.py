@@ -64,6 +64,8 @@ class PromptSpace(ProjectedSpace):
     name = "prompt"
     mergeable = False
     tensor_names = ("shift",)
+    tensor_shapes = {"shift": ("length", "out")}
+    not_mergeable_because = "it adds prompt tokens in front of the input"
 
     def __init__(self, config: PromptConfig, hidden: int, sigma_hat, device):
         self.hidden = hidden
