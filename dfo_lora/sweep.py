@@ -182,7 +182,9 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
         merged = {**values, **row_values, **picked}
         baseline = merged.get("optimizer")
         if baseline in methods():  # a baseline: its own runner, in this process
-            merged.pop("optimizer")
+            # The run's config keeps the search of `config:` (its optimizer_options are
+            # that optimizer's), which the baseline does not run.
+            merged["optimizer"] = values.get("optimizer", TuneConfig().optimizer)
             merged["backend"] = "local"
         else:
             baseline = None

@@ -389,3 +389,20 @@ def test_readme_documents_every_method_and_option():
         assert f"`{name}`" in section, name
         for option in method.options:
             assert f"`--{option.replace('_', '-')}`" in section, (name, option)
+
+
+def test_a_sweep_of_baselines_beside_a_search_with_optimizer_options(tmp_path):
+    """A baseline in the grid keeps the config's search settings (here esgrad's step
+    length), so a sweep can run baselines beside a search whose optimizer has options."""
+    from dfo_lora.sweep import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "out: runs\n"
+        "config: {model: tiny, optimizer: esgrad, commit: mean, optimizer_options: {lr: 0.4}}\n"
+        "grid: {method: [zero-shot, esgrad]}\n"
+    )
+    runs = load_sweep(path).runs
+    assert [run.baseline for run in runs] == ["zero-shot", None]
+    assert [run.config.optimizer for run in runs] == ["esgrad", "esgrad"]
+    assert runs[0].config.optimizer_options == {"lr": 0.4}
