@@ -58,6 +58,30 @@ def merge_delta(module: nn.Module, delta: torch.Tensor, out_slice: OutSlice) -> 
             module.weight[:, cols] += delta.T.to(module.weight.dtype)
 
 
+class SlicedProjection(nn.Module):
+    """A frozen projection (Linear or Conv1D) wrapped by a space that adds its own change to
+    each target's output slice: per target, the committed state and the P candidates of a
+    stacked forward (the subclass says what they are and how they apply)."""
+
+    is_space_wrapper = True  # unwrap_all replaces it by `base`
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.out_slices: dict[str, OutSlice] = {}
+        self.committed: dict = {}
+        self.candidates: dict = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return projection_shape(self.base)
+
+    def target_shape(self, target: str) -> tuple[int, int]:
+        """(in_features, the target's own output width)."""
+        in_features, out_features = self.shape
+        return in_features, out_width(self.out_slices[target], out_features)
+
+
 def wrap_module(layer: nn.Module, path: str, make) -> nn.Module:
     """Replace the module at `path` (relative to `layer`) by `make(module)` unless it is
     already wrapped by that kind; returns the wrapper."""

@@ -10,22 +10,15 @@ as P blocks of n sequences, block p gets b_t[p].
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from dfo_lora.spaces.modules import OutSlice, add_to_columns
+from dfo_lora.spaces.modules import SlicedProjection, add_to_columns
 
 
-class BiasShift(nn.Module):
+class BiasShift(SlicedProjection):
     """A frozen projection plus, per target slice, one committed or P batched biases."""
 
-    is_space_wrapper = True  # dfo_lora.spaces.unwrap_all replaces it by `base`
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base = base
-        self.out_slices: dict[str, OutSlice] = {}
-        self.committed: dict[str, torch.Tensor] = {}  # target -> (w,)
-        self.candidates: dict[str, torch.Tensor] = {}  # target -> (P, w)
+    committed: dict[str, torch.Tensor]  # target -> (w,)
+    candidates: dict[str, torch.Tensor]  # target -> (P, w)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)

@@ -16,10 +16,8 @@ import torch
 from torch import nn
 
 from dfo_lora.spaces.modules import (
-    OutSlice,
+    SlicedProjection,
     add_to_columns,
-    out_width,
-    projection_shape,
     wrap_module,
 )
 
@@ -39,25 +37,11 @@ def hydra_delta(
     return torch.bmm(mixed, heads_up)
 
 
-class HydraProjection(nn.Module):
+class HydraProjection(SlicedProjection):
     """A frozen projection plus, per target slice, one committed or P batched Hydra deltas."""
 
-    is_space_wrapper = True
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base = base
-        self.out_slices: dict[str, OutSlice] = {}
-        self.committed: dict[str, HydraWeights] = {}
-        self.candidates: dict[str, HydraWeights] = {}
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return projection_shape(self.base)
-
-    def target_shape(self, target: str) -> tuple[int, int]:
-        in_features, out_features = self.shape
-        return in_features, out_width(self.out_slices[target], out_features)
+    committed: dict[str, HydraWeights]
+    candidates: dict[str, HydraWeights]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -23,34 +23,23 @@ import torch
 from torch import nn
 
 from dfo_lora.spaces.base import Weights
-from dfo_lora.spaces.modules import OutSlice, add_to_columns, out_width, projection_shape
+from dfo_lora.spaces.modules import OutSlice, SlicedProjection, add_to_columns
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
-class LoraProjection(nn.Module):
+class LoraProjection(SlicedProjection):
     """A frozen projection plus, per target slice, one committed or P batched deltas."""
 
-    is_space_wrapper = True  # dfo_lora.spaces.unwrap_all replaces it by `base`
+    committed: dict[str, Factors]
+    candidates: dict[str, Factors]
 
     def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base = base
-        self.out_slices: dict[str, OutSlice] = {}
-        self.committed: dict[str, Factors] = {}
-        self.candidates: dict[str, Factors] = {}
+        super().__init__(base)
         self.shared_input = False
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return projection_shape(self.base)
 
     def add_target(self, target: str, out_slice: OutSlice) -> None:
         self.out_slices[target] = out_slice
-
-    def target_shape(self, target: str) -> tuple[int, int]:
-        in_features, out_features = self.shape
-        return in_features, out_width(self.out_slices[target], out_features)
 
     def set_committed(self, target: str, factors: Factors | None) -> None:
         if factors is None:
