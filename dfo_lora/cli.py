@@ -92,12 +92,13 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for title, names in GROUPS.items():
         group = parser.add_argument_group(title)
         for name in names:
-            default = by_name[name].metadata.get("shown", getattr(defaults, name))
+            option = by_name[name].metadata["option"]
+            default = option.shown if option.shown is not None else getattr(defaults, name)
             if isinstance(default, list):
                 default = ",".join(default)
             if isinstance(default, dict):
                 default = ",".join(f"{k}={v}" for k, v in default.items()) or "none"
-            help_text = f"{by_name[name].metadata['help']} (default: {default})"
+            help_text = f"{option.help} (default: {default})"
             group.add_argument(
                 _flag(name), dest=name, default=None, metavar=_metavar(name), help=help_text
             )

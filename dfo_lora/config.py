@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from dfo_lora.errors import UserError, did_you_mean
+from dfo_lora.options import Option
 from dfo_lora.search import policy
 from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported here
     COMMITS,
@@ -35,7 +36,7 @@ from dfo_lora.spaces import check_space_name, option_users, space_config
 def opt(default, help_text: str, shown: str | None = None):
     """A config field with its help text (shown by `dfo-lora tune --help`, with `shown` as
     the default where the field's own default is None: "the space's default")."""
-    metadata = {"help": help_text, **({"shown": shown} if shown is not None else {})}
+    metadata = {"option": Option(default, help_text, shown=shown)}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)

@@ -262,3 +262,24 @@ def test_help_shows_the_real_defaults():
     assert "(default: the whole split)" in text and "(default: auto)" in text
     sweep = run_cli("sweep", "--help").stdout
     assert "backend: local" in sweep and "grid:" in sweep
+
+
+def test_every_run_option_is_an_option_like_the_baselines():
+    """The run config's fields and the baselines' options are one type (`dfo_lora.options`):
+    each field carries its Option, whose default is the field's and whose help the CLI
+    prints."""
+    import dataclasses
+
+    from dfo_lora.baselines import get_method
+    from dfo_lora.cli import build_parser
+    from dfo_lora.config import TuneConfig
+    from dfo_lora.options import Option
+
+    defaults = TuneConfig()
+    for f in dataclasses.fields(TuneConfig):
+        option = f.metadata["option"]
+        assert isinstance(option, Option) and option.help, f.name
+        assert option.default == getattr(defaults, f.name), f.name
+    assert all(isinstance(o, Option) for o in get_method("gradient-lora").options.values())
+    tune_help = build_parser()._subparsers._group_actions[0].choices["tune"].format_help()
+    assert "torch.compile each layer's norms and MLP" in " ".join(tune_help.split())

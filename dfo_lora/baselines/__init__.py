@@ -17,7 +17,8 @@ Every run's results.json has tune's keys (`tuned`, `zero_shot`, `evaluations`,
 plus `method`, `options` and `calibrated_zero_shot`.
 """
 
-from dfo_lora.baselines.registry import Method, Option, get_method, methods
+from dfo_lora.baselines.registry import Method, get_method, methods
 from dfo_lora.baselines.run import run_baseline
+from dfo_lora.options import Option
 
 __all__ = ["Method", "Option", "get_method", "methods", "run_baseline"]

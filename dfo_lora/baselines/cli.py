@@ -51,7 +51,7 @@ def add_baseline_parser(sub) -> None:
             _flag(name),
             dest=name,
             default=None,
-            help=f"{by_name[name].metadata['help']} (default: {getattr(defaults, name)})",
+            help=f"{by_name[name].metadata['option'].help} (default: {getattr(defaults, name)})",
         )
     run = parser.add_argument_group("run")
     run.add_argument(

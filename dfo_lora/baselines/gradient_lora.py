@@ -18,8 +18,8 @@ LoRA weights are saved as `lora.safetensors` (peft's parameter names).
 from __future__ import annotations
 
 from dfo_lora.baselines.lora import add_lora, finish_lora_run, snapshot
-from dfo_lora.baselines.registry import Option
 from dfo_lora.baselines.training import ADAMW_OPTIONS, train_adamw
+from dfo_lora.options import Option
 
 HELP = "LoRA trained with gradients (peft, AdamW, full batch, dev-selected): the ceiling"
 LORA_OPTIONS = {

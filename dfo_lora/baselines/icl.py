@@ -31,8 +31,8 @@ import dataclasses
 
 import numpy as np
 
-from dfo_lora.baselines.registry import Option
 from dfo_lora.errors import UserError
+from dfo_lora.options import Option
 from dfo_lora.server.factory import build_server
 from dfo_lora.tasks import Example, FewShotData, encode, render, stable_permutation
 from dfo_lora.tasks.spec import PLACEHOLDER_RE

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from dfo_lora.baselines import gradient
-from dfo_lora.baselines.registry import Option
 from dfo_lora.baselines.subspace_gradient import save_z
 from dfo_lora.baselines.training import MEZO_OPTIONS, train_mezo
+from dfo_lora.options import Option
 
 HELP = "MeZO on the run's space: its own weights (on weights) or its projected z (on z)"
 OPTIONS = {

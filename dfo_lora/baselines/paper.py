@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from dfo_lora.baselines.registry import Option
 from dfo_lora.config import TuneConfig, load_config
+from dfo_lora.options import Option
 from dfo_lora.search.checkpoint import atomic_write_bytes
 from dfo_lora.server.losses import LOSSES
 

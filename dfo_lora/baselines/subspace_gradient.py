@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dfo_lora.baselines.registry import Option
 from dfo_lora.baselines.training import ADAMW_OPTIONS, train_adamw
+from dfo_lora.options import Option
 
 HELP = "AdamW on the run's own search space z (the space's ceiling; --config gives the space)"
 OPTIONS = {

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
-from dfo_lora.baselines.registry import Option
+from dfo_lora.options import Option
 from dfo_lora.server.losses import LOSSES
 
 # The options each loop reads, declared once for the methods that run it (a method may
