@@ -378,7 +378,7 @@ EVAL_OVERRIDES = ("data_dir", "test_limit", "model", "device", "dtype")
 
 
 def cmd_eval(args) -> int:
-    """Score a run's tuned state (read back whole: `search.run.load_tuned`), with the
+    """Score a run's tuned state (read back whole: `search.tuned.load_tuned`), with the
     run's settings except where the data, the base model, the device, the dtype or the
     test subset has been given again; these are coerced and validated as tune's are."""
     from dfo_lora.config import coerce
