@@ -127,7 +127,7 @@ def check_mergeable(space: str, fmt: str) -> None:
     from dfo_lora.spaces import SPACES
 
     kind = SPACES[space][1]
-    if fmt not in kind.export_formats():
+    if fmt != "native" and not kind.mergeable:
         why = kind.not_mergeable_because
         raise UserError(
             f"export: a {space} run cannot be exported as {fmt}: {why}, so it is no fixed "

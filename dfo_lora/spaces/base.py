@@ -129,11 +129,6 @@ class SearchSpace(ABC):
 
     tensor_names: ClassVar[tuple[str, ...]] = ()  # names of each group's tensors
 
-    @classmethod
-    def export_formats(cls) -> tuple[str, ...]:
-        """The `dfo-lora export` formats of this space's runs."""
-        return ("peft", "merged", "native") if cls.mergeable else ("native",)
-
     def own_parameters(self, layer: int, generator: torch.Generator) -> Weights | None:
         """Trainable fp32 weights of the space's own modules at `layer` (P = 1), at their
         initial state (the unmodified model), for the `gradient` method; None where the

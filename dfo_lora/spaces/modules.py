@@ -76,6 +76,9 @@ class SlicedProjection(nn.Module):
     def shape(self) -> tuple[int, int]:
         return projection_shape(self.base)
 
+    def add_target(self, target: str, out_slice: OutSlice) -> None:
+        self.out_slices[target] = out_slice
+
     def target_shape(self, target: str) -> tuple[int, int]:
         """(in_features, the target's own output width)."""
         in_features, out_features = self.shape

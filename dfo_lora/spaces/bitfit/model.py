@@ -69,7 +69,7 @@ class BitfitSpace(ProjectedSpace):
         for target in config.targets or tuple(arch.projections(model)):
             proj = arch.projection(model, target)
             module = wrap_module(layer, proj.module, _shift)
-            module.out_slices[target] = proj.out_slice
+            module.add_target(target, proj.out_slice)
             module.committed.pop(target, None)  # a reused backbone: the zero state
             module.candidates.clear()
             modules[target] = module

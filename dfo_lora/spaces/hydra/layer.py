@@ -75,7 +75,7 @@ def install_hydra(
         module = wrap_module(
             layer, path, lambda m: m if isinstance(m, HydraProjection) else HydraProjection(m)
         )
-        module.out_slices[target] = out_slice
+        module.add_target(target, out_slice)
         module.committed.pop(target, None)  # a reused backbone starts from the zero state
         module.candidates = {}
         wrappers[target] = module

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dfo_lora.spaces.base import Weights
-from dfo_lora.spaces.modules import OutSlice, SlicedProjection, add_to_columns
+from dfo_lora.spaces.modules import OutSlice, SlicedProjection, add_to_columns, wrap_module
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,9 +37,6 @@ class LoraProjection(SlicedProjection):
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.shared_input = False
-
-    def add_target(self, target: str, out_slice: OutSlice) -> None:
-        self.out_slices[target] = out_slice
 
     def set_committed(self, target: str, factors: Factors | None) -> None:
         if factors is None:
@@ -103,12 +100,9 @@ def install_adapters(
     """Wrap a layer's target modules once: {target: (module path, out slice)} -> wrappers."""
     wrappers: dict[str, LoraProjection] = {}
     for target, (path, out_slice) in targets.items():
-        parent_path, _, attr = path.rpartition(".")
-        parent = layer.get_submodule(parent_path) if parent_path else layer
-        module = getattr(parent, attr)
-        if not isinstance(module, LoraProjection):
-            module = LoraProjection(module)
-            setattr(parent, attr, module)
+        module = wrap_module(
+            layer, path, lambda m: m if isinstance(m, LoraProjection) else LoraProjection(m)
+        )
         module.add_target(target, out_slice)
         module.set_committed(target, None)  # a reused backbone starts from the zero state
         wrappers[target] = module
