@@ -84,6 +84,19 @@ class SlicedProjection(nn.Module):
         in_features, out_features = self.shape
         return in_features, out_width(self.out_slices[target], out_features)
 
+    @classmethod
+    def install(cls, layer: nn.Module, targets: dict[str, tuple[str, OutSlice]]) -> dict:
+        """Wrap a layer's target modules once: {target: (module path, out slice)} ->
+        wrappers, each target at the zero state (a reused backbone may hold a commit)."""
+        wrappers = {}
+        for target, (path, out_slice) in targets.items():
+            module = wrap_module(layer, path, lambda m: m if isinstance(m, cls) else cls(m))
+            module.add_target(target, out_slice)
+            module.committed.pop(target, None)
+            module.candidates = {}
+            wrappers[target] = module
+        return wrappers
+
 
 def wrap_module(layer: nn.Module, path: str, make) -> nn.Module:
     """Replace the module at `path` (relative to `layer`) by `make(module)` unless it is

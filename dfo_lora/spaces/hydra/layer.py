@@ -13,12 +13,10 @@ sequences, every block gets its own A, B, R through batched matmuls.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from dfo_lora.spaces.modules import (
     SlicedProjection,
     add_to_columns,
-    wrap_module,
 )
 
 HydraWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # A, B, R
@@ -64,19 +62,3 @@ class HydraProjection(SlicedProjection):
             else:  # a fused module (GPT-2's c_attn): only this target's columns
                 add_to_columns(out, out_slice, delta)
         return out
-
-
-def install_hydra(
-    layer: nn.Module, targets: dict[str, tuple[str, tuple[int, int] | None]]
-) -> dict[str, HydraProjection]:
-    """Wrap a layer's target modules once: {target: (module path, out slice)} -> wrappers."""
-    wrappers: dict[str, HydraProjection] = {}
-    for target, (path, out_slice) in targets.items():
-        module = wrap_module(
-            layer, path, lambda m: m if isinstance(m, HydraProjection) else HydraProjection(m)
-        )
-        module.add_target(target, out_slice)
-        module.committed.pop(target, None)  # a reused backbone starts from the zero state
-        module.candidates = {}
-        wrappers[target] = module
-    return wrappers

@@ -21,7 +21,7 @@ from torch import nn
 from dfo_lora.errors import UserError
 from dfo_lora.spaces.base import LayerModules, Weights
 from dfo_lora.spaces.hydra.config import HydraConfig
-from dfo_lora.spaces.hydra.layer import HydraProjection, install_hydra
+from dfo_lora.spaces.hydra.layer import HydraProjection
 from dfo_lora.spaces.projection import ProjectedSpace
 from dfo_lora.spaces.statistics import (
     ProjectionMoments,
@@ -87,7 +87,7 @@ class HydraSpace(ProjectedSpace):
         for target in config.targets:
             proj = arch.projection(model, target)
             paths[target] = (proj.module, proj.out_slice)
-        return HydraLayer(install_hydra(layer, paths))
+        return HydraLayer(HydraProjection.install(layer, paths))
 
     @classmethod
     def build(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dfo_lora.spaces.base import Weights
-from dfo_lora.spaces.modules import OutSlice, SlicedProjection, add_to_columns, wrap_module
+from dfo_lora.spaces.modules import SlicedProjection, add_to_columns
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -92,21 +92,6 @@ class LoraProjection(SlicedProjection):
                 a, b = self.committed[target]
                 self._add(out, target, (x @ a.T) @ b.T)
         return out
-
-
-def install_adapters(
-    layer: nn.Module, targets: dict[str, tuple[str, OutSlice]]
-) -> dict[str, LoraProjection]:
-    """Wrap a layer's target modules once: {target: (module path, out slice)} -> wrappers."""
-    wrappers: dict[str, LoraProjection] = {}
-    for target, (path, out_slice) in targets.items():
-        module = wrap_module(
-            layer, path, lambda m: m if isinstance(m, LoraProjection) else LoraProjection(m)
-        )
-        module.add_target(target, out_slice)
-        module.set_committed(target, None)  # a reused backbone starts from the zero state
-        wrappers[target] = module
-    return wrappers
 
 
 class LoraLayer(dict):

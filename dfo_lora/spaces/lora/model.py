@@ -38,7 +38,7 @@ from torch import nn
 from dfo_lora.errors import UserError
 from dfo_lora.spaces.base import LayerModules, Weights, lora_pair
 from dfo_lora.spaces.lora.config import LoraConfig
-from dfo_lora.spaces.lora.layer import LoraLayer, install_adapters
+from dfo_lora.spaces.lora.layer import LoraLayer, LoraProjection
 from dfo_lora.spaces.projection import ProjectedSpace, chunk_seed
 from dfo_lora.spaces.statistics import (
     ProjectionMoments,
@@ -101,7 +101,7 @@ class LoraSpace(ProjectedSpace):
             proj = arch.projection(model, target)
             paths[target] = (proj.module, proj.out_slice)
             reads_input[target] = proj.reads_layer_input
-        return LoraLayer(install_adapters(layer, paths), reads_input)
+        return LoraLayer(LoraProjection.install(layer, paths), reads_input)
 
     @classmethod
     def build(
