@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dfo_lora.baselines.cli import add_baseline_parser, cmd_baseline
-from dfo_lora.config import FIELD_TYPES, TuneConfig, load_config
+from dfo_lora.config import FIELD_TYPES, SPACE_OPTIONS, TuneConfig, load_config
 from dfo_lora.errors import UserError
 
 GROUPS = {
@@ -32,23 +32,8 @@ GROUPS = {
         "device",
         "trust_remote_code",
     ],
-    "search space": [
-        "space",
-        "targets",
-        "rank",
-        "hydra_heads",
-        "adapter_size",
-        "prompt_length",
-        "adapter_down",
-        "intrinsic_dim",
-        "alpha",
-        "sigma",
-        "a_factor",
-        "b_basis",
-        "basis_dim",
-        "loss",
-        "calibrate",
-    ],
+    "search space": ["space", "intrinsic_dim", "alpha", "sigma", "loss", "calibrate"],
+    # then one group per set of spaces reading an option (space_groups), then:
     "search": [
         "optimizer",
         "fwa_variant",
@@ -85,11 +70,26 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def config_groups() -> dict[str, list[str]]:
+    """GROUPS with, after "search space", one group per set of spaces that read an option
+    (from the spaces' declarations: a new space's options get their group by themselves)."""
+    by_users: dict[str, list[str]] = {}
+    for key, users in SPACE_OPTIONS.items():
+        by_users.setdefault(f"{', '.join(users)} options", []).append(key)
+    groups = {}
+    for title, names in GROUPS.items():
+        groups[title] = names
+        if title == "search space":
+            groups.update(by_users)
+    return groups
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per TuneConfig field, grouped, with the field's help and default."""
     by_name = {f.name: f for f in fields(TuneConfig)}
     defaults = TuneConfig()
-    for title, names in GROUPS.items():
+    groups = config_groups()
+    for title, names in groups.items():
         group = parser.add_argument_group(title)
         for name in names:
             option = by_name[name].metadata["option"]
@@ -102,7 +102,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 _flag(name), dest=name, default=None, metavar=_metavar(name), help=help_text
             )
-    missing = set(by_name) - {n for names in GROUPS.values() for n in names}
+    missing = set(by_name) - {n for names in groups.values() for n in names}
     assert not missing, f"config fields without a CLI group: {missing}"
 
 

@@ -30,7 +30,13 @@ from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported
 )
 from dfo_lora.server import LOSSES, ServerOptions
 from dfo_lora.server.factory import ServerSpec
-from dfo_lora.spaces import check_space_name, option_users, space_config
+from dfo_lora.spaces import (
+    check_space_name,
+    option_help,
+    option_users,
+    space_config,
+    space_options,
+)
 
 
 def opt(default, help_text: str, shown: str | None = None):
@@ -40,6 +46,13 @@ def opt(default, help_text: str, shown: str | None = None):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def space_opt(key: str, default):
+    """A field that only some spaces read, its help from those spaces' declarations; where
+    they differ, each space's default is in brackets (None: the space's own default)."""
+    alike = len({(o.help, o.shown, o.default) for o in space_options(key).values()}) == 1
+    return opt(default, option_help(key), shown=None if alike else "the space's, in brackets")
 
 
 FIT_SPLITS = ("train", "train+dev")
@@ -80,38 +93,18 @@ class TuneConfig:
         "not mergeable) | prompt (BBT: prompt_length prompt tokens in front, their input "
         "shifted; --layers 0) | deep-prompt (BBTv2: the same prompt shifted at every layer)",
     )
-    targets: list[str] | None = opt(
-        None,
-        "adapted projections (lora, hydra); series: ones writing the residual stream "
-        "(not given: o and the MLP output); bitfit: any (not given: all); parallel: none",
-        shown="q,k",
-    )
-    rank: int = opt(4, "r of every LoRA factor pair (lora, hydra)")
-    hydra_heads: int = opt(3, "hydra: N, the B heads mixed per token by the router")
-    adapter_size: int = opt(8, "series, parallel: bottleneck width of each adapter")
-    prompt_length: int = opt(50, "prompt, deep-prompt: prompt tokens in front of every input")
-    adapter_down: str = opt(
-        "searched",
-        "series, parallel: searched (z -> down and up) | pca: down fixed to the top "
-        "adapter_size principal directions of what the adapter reads, z -> up only "
-        "(linear in z)",
-    )
+    targets: list[str] | None = space_opt("targets", None)
+    rank: int = space_opt("rank", 4)
+    hydra_heads: int = space_opt("hydra_heads", 3)
+    adapter_size: int = space_opt("adapter_size", 8)
+    prompt_length: int = space_opt("prompt_length", 50)
+    adapter_down: str = space_opt("adapter_down", "searched")
     intrinsic_dim: int = opt(500, "d: entries of z per layer")
     alpha: float = opt(1.0, "projection std multiplier (BBTv2)")
     sigma: float = opt(1.0, "optimizer's initial step size (also in the projection std)")
-    a_factor: str = opt(
-        "searched",
-        "searched (the paper: z -> A and B) | pca | random: A fixed (top-r principal "
-        "directions of the module input, or random), z -> B only, a delta linear in z "
-        "(hydra: searched | pca, z -> the heads and the router)",
-    )
-    b_basis: str = opt(
-        "random",
-        "random (the paper) | pca: B's columns lie in the top basis_dim principal directions "
-        "of the projection's output on the train split | verbalizer: in the directions that "
-        "move the verbalizer logits (targets writing the residual stream: o, down)",
-    )
-    basis_dim: int = opt(32, "b_basis pca: output directions B may use (lora)")
+    a_factor: str = space_opt("a_factor", "searched")
+    b_basis: str = space_opt("b_basis", "random")
+    basis_dim: int = space_opt("basis_dim", 32)
     loss: str = opt("ce", "ce | hinge | neg_acc")
     calibrate: bool = opt(
         False, "subtract each state's mean train logits before loss and metric (not the paper's)"

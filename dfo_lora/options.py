@@ -71,3 +71,21 @@ class Option:
             if self.minimum is not None and parsed < self.minimum:
                 raise UserError(f"{where}: must be at least {self.minimum:g}, got {parsed}")
         return parsed
+
+
+def check_space_values(config) -> None:
+    """A space config's values against the `OPTIONS` its class declares (choices, positive),
+    each named by its run-config key (the class's `RUN_KEYS` rename fields: hydra's
+    `heads` is `hydra_heads`)."""
+    cls = type(config)
+    renamed = getattr(cls, "RUN_KEYS", {})
+    for name, option in cls.OPTIONS.items():
+        key, value = renamed.get(name, name), getattr(config, name)
+        if option.choices and value not in option.choices:
+            raise UserError(
+                f"{key}: {value!r} is not one of {', '.join(option.choices)} for the "
+                f"{cls.name} space{did_you_mean(str(value), option.choices)}"
+            )
+        if option.positive and (isinstance(value, bool) or not value > 0):
+            kind = "integer" if isinstance(option.default, int) else "number"
+            raise UserError(f"{key}: must be a positive {kind}, got {value}")

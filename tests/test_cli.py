@@ -54,7 +54,11 @@ def test_tune_help_explains_every_option():
         "--config",
     ):
         assert flag in out.stdout, flag
-    assert "(default: 8000)" in out.stdout and "(default: q,k)" in out.stdout
+    text = " ".join(out.stdout.split())
+    assert (
+        "(default: 8000)" in text
+        and "lora, hydra: projections adapted in every layer [q,k]" in text
+    )
 
 
 def test_tasks_lists_every_task(capsys):

@@ -578,6 +578,46 @@ def test_each_space_declares_the_run_keys_it_reads():
         TuneConfig(hydra_heads=5).validate()
 
 
+def test_each_space_declares_its_options_and_the_cli_groups_them():
+    """Every run key that only some spaces read is declared (help, default, checks) by
+    each of them, with the config field's default; the run config's help and the CLI's
+    option groups come from those declarations, and their checks name the run key."""
+    from dataclasses import MISSING, fields
+
+    from dfo_lora.cli import build_parser, config_groups
+    from dfo_lora.config import SPACE_OPTIONS
+    from dfo_lora.spaces import SPACES, option_help, run_keys, space_options
+
+    for name, (config_class, _) in SPACES.items():
+        keys = run_keys(config_class)
+        declared = {keys[f] for f in config_class.OPTIONS}
+        assert declared == {k for k in keys.values() if k in SPACE_OPTIONS}, name
+        defaults = {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+        for field_name, option in config_class.OPTIONS.items():
+            assert option.default == defaults[field_name], (name, field_name)
+    run_defaults = TuneConfig()
+    for key in SPACE_OPTIONS:
+        field = next(f for f in fields(TuneConfig) if f.name == key)
+        assert field.metadata["option"].help == option_help(key)
+        for option in space_options(key).values():
+            assert getattr(run_defaults, key) in (None, option.default), key
+    assert option_help("hydra_heads") == SPACES["hydra"][0].OPTIONS["heads"].help
+    assert "series: projections writing the residual stream" in option_help("targets")
+    groups = config_groups()
+    assert groups["hydra options"] == ["hydra_heads"]
+    assert groups["series, parallel options"] == ["adapter_size", "adapter_down"]
+    assert list(groups).index("search space") + 1 == list(groups).index(
+        "lora, hydra, series, bitfit options"
+    )
+    tune = build_parser()._subparsers._group_actions[0].choices["tune"]
+    titles = {g.title: [a.dest for a in g._group_actions] for g in tune._action_groups}
+    assert titles["prompt, deep-prompt options"] == ["prompt_length"]
+    with pytest.raises(UserError, match=r"^b_basis: 'pac' is not one of random, pca, verbalizer"):
+        load_config(None, {"b_basis": "pac"})
+    with pytest.raises(UserError, match=r"^rank: must be a positive integer, got 0$"):
+        load_config(None, {"space": "hydra", "rank": 0})
+
+
 def test_each_space_declares_its_tensors_and_export_formats():
     """The shapes tuned.safetensors is checked against and the export formats come from
     the space classes: every tensor has its shape, and a space that cannot be merged says

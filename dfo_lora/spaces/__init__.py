@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 from dfo_lora.errors import UserError, did_you_mean
+from dfo_lora.options import Option
 from dfo_lora.spaces.adapters import ParallelConfig, ParallelSpace, SeriesConfig, SeriesSpace
 from dfo_lora.spaces.base import LayerModules, SearchSpace, Weights, take
 from dfo_lora.spaces.bitfit import BitfitConfig, BitfitSpace
@@ -85,6 +86,34 @@ def space_config(name: str, run):
     return config_class(**values)
 
 
+def space_options(key: str) -> dict[str, Option]:
+    """A run-config key that only some spaces read -> each of those spaces' declaration of
+    it (`OPTIONS` of its config class: help, choices, the space's own default)."""
+    declared = {}
+    for name in option_users()[key]:
+        config_class = SPACES[name][0]
+        field = next(f for f, k in run_keys(config_class).items() if k == key)
+        declared[name] = config_class.OPTIONS[field]
+    return declared
+
+
+def option_help(key: str) -> str:
+    """The help of a space option, from the spaces that read it: their shared help where
+    they declare it alike, else "lora: ... [its default]; series: ... [its default]"."""
+    entries: dict[tuple, list[str]] = {}
+    for name, option in space_options(key).items():
+        default = option.shown if option.shown is not None else option.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        entries.setdefault((option.help, str(default)), []).append(name)
+    if len(entries) == 1:
+        return next(iter(entries))[0]
+    return "; ".join(
+        f"{', '.join(names)}: {help_text} [{default}]"
+        for (help_text, default), names in entries.items()
+    )
+
+
 def option_users() -> dict[str, tuple[str, ...]]:
     """Run-config keys that only some spaces read -> those spaces, in registry order (a run
     of another space must leave the key at its default)."""
@@ -120,10 +149,12 @@ __all__ = [
     "Weights",
     "check_space_name",
     "space_class",
+    "option_help",
     "option_users",
     "run_keys",
     "space_config",
     "space_name",
+    "space_options",
     "take",
     "unwrap_all",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dfo_lora.errors import UserError, check_positive, check_targets, did_you_mean
+from dfo_lora.errors import UserError, check_positive, check_targets
+from dfo_lora.options import Option, check_space_values
 
 # How `down` is set: searched (z -> down and up, LLM-Adapters' two trained matrices) or
 # pca (down fixed to the adapter input's top principal directions, whitened; z -> up only,
@@ -18,15 +19,21 @@ def weights_per_site(config) -> int:
     return 1 if config.down == "pca" else 2
 
 
+# the adapter options both spaces read: help and checks (options.check_space_values)
+ADAPTER_OPTIONS = {
+    "size": Option(8, "bottleneck width m of each adapter: down (m, H), up (H, m)", positive=True),
+    "down": Option(
+        "searched",
+        "searched: z -> down and up | pca: down fixed to the top adapter_size principal "
+        "directions of what the adapter reads, z -> up only (linear in z)",
+        choices=DOWN_FACTORS,
+    ),
+}
+
+
 def _validate_common(config) -> None:
-    if config.down not in DOWN_FACTORS:
-        raise UserError(
-            f"adapter_down: {config.down!r} is not one of {', '.join(DOWN_FACTORS)}"
-            f"{did_you_mean(config.down, DOWN_FACTORS)}"
-        )
+    check_space_values(config)
     check_positive(config, ("intrinsic_dim",), ("alpha", "sigma"))
-    if config.size <= 0:
-        raise UserError(f"adapter_size: must be a positive integer, got {config.size}")
 
 
 @dataclass(frozen=True)
@@ -36,14 +43,21 @@ class SeriesConfig:
 
     name: ClassVar[str] = "series"
     RUN_KEYS: ClassVar[dict[str, str]] = {"size": "adapter_size", "down": "adapter_down"}
-    # residual-writing projections (registry names); None: all of them (o, MLP output)
-    targets: tuple[str, ...] | None = None
-    size: int = 8  # bottleneck width m: down (m, H), up (H, m)
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "targets": Option(
+            None,
+            "projections writing the residual stream, an adapter after each",
+            shown="o and the MLP output",
+        ),
+        **ADAPTER_OPTIONS,
+    }
+    targets: tuple[str, ...] | None = None  # registry names; None: o and the MLP output
+    size: int = 8
     intrinsic_dim: int = 500  # d: entries of z per layer
     alpha: float = 1.0  # projection std multiplier
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
-    down: str = "searched"  # searched | pca (see DOWN_FACTORS)
+    down: str = "searched"
 
     def validate(self) -> None:
         _validate_common(self)
@@ -73,12 +87,13 @@ class ParallelConfig:
 
     name: ClassVar[str] = "parallel"
     RUN_KEYS: ClassVar[dict[str, str]] = {"size": "adapter_size", "down": "adapter_down"}
-    size: int = 8  # bottleneck width m: down (m, H), up (H, m)
+    OPTIONS: ClassVar[dict[str, Option]] = ADAPTER_OPTIONS
+    size: int = 8
     intrinsic_dim: int = 500  # d: entries of z per layer
     alpha: float = 1.0  # projection std multiplier
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
-    down: str = "searched"  # searched | pca (see DOWN_FACTORS)
+    down: str = "searched"
 
     def validate(self) -> None:
         _validate_common(self)

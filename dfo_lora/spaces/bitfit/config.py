@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dfo_lora.errors import UserError, check_positive, check_targets
+from dfo_lora.options import Option, check_space_values
 
 
 @dataclass(frozen=True)
@@ -13,14 +14,19 @@ class BitfitConfig:
     """A shift b_t added to the output of each target projection t in every layer."""
 
     name: ClassVar[str] = "bitfit"
-    # registry projection names; None: every projection the registry knows (q..o, MLP)
-    targets: tuple[str, ...] | None = None
+    OPTIONS: ClassVar[dict[str, Option]] = {  # help and checks (options.check_space_values)
+        "targets": Option(
+            None, "projections whose output gets a bias shift", shown="every projection"
+        ),
+    }
+    targets: tuple[str, ...] | None = None  # registry names; None: all the registry knows
     intrinsic_dim: int = 500  # d: entries of z per layer
     alpha: float = 1.0  # projection std multiplier
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
 
     def validate(self) -> None:
+        check_space_values(self)
         check_positive(self, ("intrinsic_dim",), ("alpha", "sigma"))
         if self.targets is None:
             return

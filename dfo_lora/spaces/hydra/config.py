@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from dfo_lora.errors import UserError, check_positive, check_targets, did_you_mean
+from dfo_lora.errors import UserError, check_positive, check_targets
+from dfo_lora.options import Option, check_space_values
 from dfo_lora.spaces.lora.config import DEFAULT_TARGETS
 
 # How the shared A is set: searched (z -> A, the heads and the router; HydraLoRA's trained
@@ -21,28 +22,35 @@ class HydraConfig:
     name: ClassVar[str] = "hydra"
     # config field -> the run config's key for it, where they differ (`dfo_lora.spaces`)
     RUN_KEYS: ClassVar[dict[str, str]] = {"heads": "hydra_heads"}
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # projections adapted in every layer
-    rank: int = 4  # r of the shared A (r, in) and of every head B_i (out, r)
-    heads: int = 3  # N: B heads, mixed per token by the router Linear(in, N)
+    OPTIONS: ClassVar[dict[str, Option]] = {  # help and checks (options.check_space_values)
+        "targets": Option(DEFAULT_TARGETS, "projections adapted in every layer"),
+        "rank": Option(
+            4, "r of the shared A (r, in) and of every head B_i (out, r)", positive=True
+        ),
+        "heads": Option(3, "N: the B heads, mixed per token by the router", positive=True),
+        "a_factor": Option(
+            "searched",
+            "searched: z -> A, the heads and the router | pca: A fixed to the top-r principal "
+            "directions of the input, z -> the heads and the router",
+            choices=A_FACTORS,
+        ),
+    }
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    rank: int = 4
+    heads: int = 3  # the router is Linear(in, heads)
     intrinsic_dim: int = 500  # d: entries of z per layer
     alpha: float = 1.0  # projection std multiplier
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections
-    a_factor: str = "searched"  # searched | pca (see A_FACTORS)
+    a_factor: str = "searched"
 
     @property
     def searches_a(self) -> bool:
         return self.a_factor == "searched"
 
     def validate(self) -> None:
-        check_positive(self, ("rank", "intrinsic_dim"), ("alpha", "sigma"))
-        if self.heads < 1:
-            raise UserError(f"hydra_heads: must be a positive integer, got {self.heads}")
-        if self.a_factor not in A_FACTORS:
-            raise UserError(
-                f"a_factor: {self.a_factor!r} is not one of {', '.join(A_FACTORS)} for the "
-                f"hydra space{did_you_mean(self.a_factor, A_FACTORS)}"
-            )
+        check_space_values(self)
+        check_positive(self, ("intrinsic_dim",), ("alpha", "sigma"))
         check_targets(self.targets)
         per_target = self.heads + (2 if self.searches_a else 1)
         chunks = len(self.targets) * per_target

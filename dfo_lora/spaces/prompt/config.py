@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dfo_lora.errors import UserError, check_positive
+from dfo_lora.options import Option, check_space_values
 
 MAX_PROMPT_LENGTH = 256
 
@@ -18,13 +19,19 @@ class PromptConfig:
     name: ClassVar[str] = "prompt"
     deep: ClassVar[bool] = False
     RUN_KEYS: ClassVar[dict[str, str]] = {"length": "prompt_length"}
-    length: int = 50  # prompt tokens (BBT: 50)
+    OPTIONS: ClassVar[dict[str, Option]] = {  # help and checks (options.check_space_values)
+        "length": Option(
+            50, f"prompt tokens in front of every input (BBT: 50; at most {MAX_PROMPT_LENGTH})"
+        ),
+    }
+    length: int = 50
     intrinsic_dim: int = 500  # d: entries of z per layer (BBT: 500)
     alpha: float = 1.0  # projection std multiplier
     sigma: float = 1.0  # the optimizer's initial step size (enters the projection std)
     seed: int = 0  # seeds the random projections and the prompt's token ids
 
     def validate(self) -> None:
+        check_space_values(self)
         check_positive(self, ("intrinsic_dim",), ("alpha", "sigma"))
         if isinstance(self.length, bool) or not isinstance(self.length, int):
             raise UserError(f"prompt_length: must be a whole number, got {self.length!r}")
