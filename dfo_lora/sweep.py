@@ -25,7 +25,10 @@ Each run writes the usual output folder (`<out>/<key>=<value>__...`); `sweep.jso
 (one line per run, in grid order) is rewritten after every run. A re-run skips runs
 whose results.json exists, resumes runs that left a checkpoint with the same config,
 and starts the others afresh. `backend: local` in `config` runs the grid one run at a
-time in this process instead.
+time in this process instead; with `concurrency: N` (N > 1) it runs N at a time, each in
+its own process with OMP_NUM_THREADS torch threads where that is set, else an equal
+share of the CPUs (the thread count can change bf16 rounding, so a sweep that is to
+repeat a record sets it).
 
 Baselines: `method` also takes a baseline name (`dfo-lora baseline`: zero-shot,
 calibrated, icl, gradient-lora, subspace-gradient, mezo-lora, c-lora, f-lora). Such a run runs that
@@ -416,38 +419,16 @@ def _run_sweep(sweep: Sweep, echo) -> dict:
     echo(f"sweep: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished")
 
     def one(run: SweepRun, server_for=None) -> None:
-        from dfo_lora.search.run import tune
-
         resume = run.baseline is None and _resumable(run)
         echo(f"sweep: {run.name}: {'resuming' if resume else 'starting'}")
-        optimizers = None
-        try:
-            kwargs = {}
-            if server_for is not None:
-                from dfo_lora.distributed.optimizers import RemoteOptimizers
-                from dfo_lora.distributed.servers import RemoteServer
+        results, error = _attempt(run, resume, server_for)
+        finish(run, results, error)
 
-                kwargs["server"] = RemoteServer(server_for(run))
-                kwargs["optimizers"] = optimizers = RemoteOptimizers()
-            if run.baseline is not None:
-                from dfo_lora.baselines import run_baseline
-
-                results = run_baseline(
-                    run.baseline, run.config, run.options, run.out, overwrite=True, progress=False
-                )
-            else:
-                config = None if resume else run.config
-                results = tune(
-                    config, run.out, resume=resume, overwrite=True, progress=False, **kwargs
-                )
-        except Exception as exc:  # noqa: BLE001 - one failed run must not stop the sweep
-            message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            save(run, _record(run, sweep.out, "failed", error=message.splitlines()[0]))
-            echo(f"sweep: {run.name}: FAILED: {message.splitlines()[0]}")
+    def finish(run: SweepRun, results: dict | None, error: str | None) -> None:
+        if error is not None:
+            save(run, _record(run, sweep.out, "failed", error=error))
+            echo(f"sweep: {run.name}: FAILED: {error}")
             return
-        finally:
-            if optimizers is not None:
-                optimizers.close()
         save(run, _record(run, sweep.out, "done", results))
         metric = results["metric"]
         echo(
@@ -456,8 +437,12 @@ def _run_sweep(sweep: Sweep, echo) -> dict:
             f"{results['wall_time_s']:.0f} s)"
         )
 
-    for run in [r for r in todo if r.config.backend == "local"]:
-        one(run)
+    local = [r for r in todo if r.config.backend == "local"]
+    if sweep.concurrency > 1 and len(local) > 1:
+        _run_local_processes(local, sweep.concurrency, echo, finish)
+    else:
+        for run in local:
+            one(run)
     on_ray = [r for r in todo if r.config.backend == "ray"]
     if on_ray:
         _run_on_ray(sweep, on_ray, one)
@@ -468,6 +453,79 @@ def _run_sweep(sweep: Sweep, echo) -> dict:
         "failed": counts["failed"],
         "jsonl": str(jsonl),
     }
+
+
+def _attempt(run: SweepRun, resume: bool, server_for=None) -> tuple[dict | None, str | None]:
+    """Run one cell: (its results, None), or (None, the error's first line): one failed
+    run must not stop the sweep."""
+    from dfo_lora.search.run import tune
+
+    optimizers = None
+    try:
+        kwargs = {}
+        if server_for is not None:
+            from dfo_lora.distributed.optimizers import RemoteOptimizers
+            from dfo_lora.distributed.servers import RemoteServer
+
+            kwargs["server"] = RemoteServer(server_for(run))
+            kwargs["optimizers"] = optimizers = RemoteOptimizers()
+        if run.baseline is not None:
+            from dfo_lora.baselines import run_baseline
+
+            return run_baseline(
+                run.baseline, run.config, run.options, run.out, overwrite=True, progress=False
+            ), None
+        config = None if resume else run.config
+        return tune(config, run.out, resume=resume, overwrite=True, progress=False, **kwargs), None
+    except Exception as exc:  # noqa: BLE001 - reported in the run's sweep.jsonl line
+        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        return None, (message.splitlines() or [type(exc).__name__])[0]
+    finally:
+        if optimizers is not None:
+            optimizers.close()
+
+
+def _attempt_in_worker(run: SweepRun, resume: bool, threads: int):
+    """`_attempt` in a worker process of `_run_local_processes`, with its share of threads
+    (it says when it starts: the parent only knows when a run is queued and when done)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    print(f"sweep: {run.name}: {'resuming' if resume else 'starting'}", flush=True)
+    return _attempt(run, resume)
+
+
+def local_threads(concurrency: int) -> int:
+    """Torch threads of each of `concurrency` local runs: OMP_NUM_THREADS where set, else an
+    equal share of this machine's CPUs (at least one)."""
+    import os
+
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, (os.cpu_count() or 1) // concurrency)
+
+
+def _run_local_processes(runs: list[SweepRun], concurrency: int, echo, finish) -> None:
+    """`backend: local` with `concurrency` > 1: that many runs at a time, each in its own
+    process (a fresh model per run; no state is shared between runs), in grid order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = local_threads(concurrency)
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=min(concurrency, len(runs)), mp_context=context) as pool:
+        echo(f"sweep: {len(runs)} runs queued, {concurrency} at a time, {threads} threads each")
+        futures = {}
+        for run in runs:
+            resume = run.baseline is None and _resumable(run)
+            futures[pool.submit(_attempt_in_worker, run, resume, threads)] = run
+        for future in as_completed(futures):
+            try:
+                results, error = future.result()
+            except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                results, error = None, f"worker process failed: {type(exc).__name__}: {exc}"
+            finish(futures[future], results, error)
 
 
 def _run_on_ray(sweep: Sweep, runs: list[SweepRun], one) -> None:

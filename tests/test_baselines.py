@@ -366,6 +366,60 @@ def test_sweep_runs_baselines_and_skips_them_when_done(tmp_path, tiny_llama_dir)
         load_sweep(sweep)
 
 
+def test_a_local_sweep_runs_cells_in_worker_processes_with_the_same_results(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    """`concurrency: 2` with backend local runs two cells at a time, each in its own
+    process; the cells' results and tuned tensors equal those of the one-at-a-time
+    sweep, and a failing cell is reported in its line without stopping the others."""
+    from safetensors.torch import load_file
+
+    from dfo_lora.sweep import local_threads, run_sweep
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert local_threads(2) == 1
+    spec = {
+        "grid": {"method": ["calibrated", "esgrad"], "seed": [3]},
+        "config": {
+            "model": str(tiny_llama_dir),
+            "test_limit": 16,
+            "dtype": "fp32",
+            "budget": 12,
+            "popsize": 4,
+            "intrinsic_dim": 8,
+            "commit": "mean",
+            "backend": "local",  # a sweep's default is Ray
+        },
+    }
+    summaries = {}
+    for concurrency in (1, 2):
+        spec["out"] = str(tmp_path / f"runs{concurrency}")
+        spec["concurrency"] = concurrency
+        sweep = tmp_path / f"sweep{concurrency}.yaml"
+        sweep.write_text(yaml.safe_dump(spec))
+        summaries[concurrency] = run_sweep(sweep, echo=lambda *_: None)
+        assert (summaries[concurrency]["done"], summaries[concurrency]["failed"]) == (2, 0)
+    lines = {
+        c: [json.loads(x) for x in Path(s["jsonl"]).read_text().splitlines()]
+        for c, s in summaries.items()
+    }
+    assert [r["test"] for r in lines[1]] == [r["test"] for r in lines[2]]
+    for one, two in zip(lines[1], lines[2], strict=True):
+        first, second = tmp_path / "runs1" / one["dir"], tmp_path / "runs2" / two["dir"]
+        assert read(first)["tuned"] == read(second)["tuned"]
+        if (first / "tuned.safetensors").is_file():
+            a, b = load_file(first / "tuned.safetensors"), load_file(second / "tuned.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    spec["out"] = str(tmp_path / "runs-bad")
+    spec["config"]["model"] = str(tmp_path / "no-such-model")
+    sweep = tmp_path / "sweep-bad.yaml"
+    sweep.write_text(yaml.safe_dump(spec))
+    bad = run_sweep(sweep, echo=lambda *_: None)
+    assert (bad["done"], bad["failed"]) == (0, 2)
+    errors = [json.loads(x)["error"] for x in Path(bad["jsonl"]).read_text().splitlines()]
+    assert all("no-such-model" in e and "\n" not in e for e in errors), errors
+
+
 @pytest.mark.integration
 def test_gradient_lora_on_smollm2_lowers_train_loss(tmp_path):
     config = TuneConfig(model="smollm2-135m", task="sst2", seed=42, test_limit=50).validate()
