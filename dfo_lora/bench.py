@@ -232,14 +232,18 @@ def count_round_flops(server: EvaluationServer, popsize: int, rng) -> tuple[floa
     Some torch releases (2.11) cannot count grouped-query sdpa (Llama's kv heads fewer
     than its heads); the count is then taken with eager attention, which does the same
     matmuls (and counts the masked half of causal attention too: a few % more on small
-    models). Compiled layers are counted eager: the same matmuls. Returns the FLOPs and
+    models). Compiled layers are counted eager, graphs unused: the same matmuls. Returns the FLOPs and
     the attention form they were counted in."""
-    with eager(server.layers):
-        try:
-            return _count_round_flops(server, popsize, rng), "sdpa"
-        except AssertionError:
-            with eager_attention(server.model):
-                return _count_round_flops(server, popsize, rng), "eager"
+    graphs, server.graphs = server.graphs, None  # a replayed graph's kernels are not seen
+    try:
+        with eager(server.layers):
+            try:
+                return _count_round_flops(server, popsize, rng), "sdpa"
+            except AssertionError:
+                with eager_attention(server.model):
+                    return _count_round_flops(server, popsize, rng), "eager"
+    finally:
+        server.graphs = graphs
 
 
 def _count_round_flops(server: EvaluationServer, popsize: int, rng) -> float:
@@ -379,6 +383,8 @@ def run_bench(
         server.score(0, np.zeros((popsize, server.dim)))
     with peak_memory(device) as naive_mem:
         naive.score(0, np.zeros(server.dim))
+    if server.graphs is not None:  # a run captures each layer once per round: so does this one
+        server.graphs.invalidate()
     times = interleaved_round(server, naive, popsize, naive_per_layer, seed, candidate_scale, peak)
     del naive
     evals, server_time = times.evals, times.seconds
@@ -436,6 +442,8 @@ def run_bench(
         "maps_setup_s": setup_time,
         "compile": server.options.compile,
         "compile_s": compile_time,
+        "cuda_graphs": bool(server.options.cuda_graphs),
+        "graph_captures": server.graphs.captures if server.graphs is not None else 0,
         "projected_8000_evals_s": setup_time + compile_time + PAPER_BUDGET / evals_per_s,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

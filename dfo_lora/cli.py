@@ -53,7 +53,7 @@ GROUPS = {
         "eval_every",
         "checkpoint_every_s",
     ],
-    "performance": ["max_tokens", "max_buckets", "prefix_cache", "compile"],
+    "performance": ["max_tokens", "max_buckets", "prefix_cache", "compile", "cuda_graphs"],
     "distributed": ["backend", "address", "servers", "gpus_per_server", "cpus_per_server"],
 }
 
@@ -259,6 +259,11 @@ def build_parser() -> ArgumentParser:
     bench.add_argument("--max-buckets", type=int, default=8, help="length buckets (default: 8)")
     bench.add_argument(
         "--compile", action="store_true", help="torch.compile the layers' norms and MLP"
+    )
+    bench.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="CUDA: replay the layers above the searched one from captured graphs",
     )
     bench.add_argument("--naive-per-layer", type=int, default=1, help="naive candidates per layer")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
@@ -480,6 +485,7 @@ def cmd_bench(args) -> int:
         "max_tokens": args.max_tokens,
         "max_buckets": args.max_buckets,
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "popsize": args.popsize,
         "budget": 10**9,  # unused by bench; keeps the round check quiet
         "test_limit": 1,  # bench scores train only

@@ -171,6 +171,11 @@ class TuneConfig:
         "torch.compile each layer's norms and MLP (fused elementwise work; a one-time compile "
         "of seconds; equal results up to rounding)",
     )
+    cuda_graphs: bool = opt(
+        False,
+        "CUDA: replay the layers above the searched one from graphs captured per shape "
+        "(fewer launches; equal results up to rounding; not with compile)",
+    )
     # ---- distributed (dfo_lora/distributed; the results do not depend on them)
     backend: str = opt("local", "local (in-process) | ray (server and optimizer actors)")
     address: str = opt("auto", "ray: auto (RAY_ADDRESS, a running or a new local Ray) or host:port")
@@ -302,6 +307,7 @@ class TuneConfig:
                 max_buckets=self.max_buckets,
                 prefix_cache=self.prefix_cache,
                 compile=self.compile,
+                cuda_graphs=self.cuda_graphs,
             ),
         )
 

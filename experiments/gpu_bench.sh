@@ -17,7 +17,10 @@
 # WHEELS (a folder of wheels to install first), BENCH_ARGS (extra `bench` options),
 # COMPILE_SHAPES (shapes run a second time with `--compile`, the layers' norms and MLP
 # compiled, BENCHMARKS.md "Fusing the per-token work"; default none, as each adds about
-# a minute: COMPILE_SHAPES=roberta-large measures it on the issue's target shape).
+# a minute: COMPILE_SHAPES=roberta-large measures it on the issue's target shape),
+# GRAPH_SHAPES (shapes run a second time with `--cuda-graphs`, the layers above the
+# searched one replayed from captured CUDA graphs, dfo_lora/server/graphs.py; default on
+# cuda: roberta-large gpt2-xl llama-1b, issue 24's shapes; elsewhere none, as it needs CUDA).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-gpu_bench.json}
@@ -47,6 +50,11 @@ done
 for shape in ${COMPILE_SHAPES:-}; do
   bench "$shape" --compile
 done
+default_graphs=""
+[[ $device == cuda* ]] && default_graphs="roberta-large gpt2-xl llama-1b"
+for shape in ${GRAPH_SHAPES-$default_graphs}; do
+  bench "$shape" --cuda-graphs
+done
 "$python" - "$lines" "$out" <<'EOF'
 import json, platform, sys
 
@@ -62,6 +70,7 @@ for r in rows:
         print(f"{r['model']:34s} {r['error']}")
     else:
         name = r["model"] + (" --compile" if r.get("compile") else "")
+        name += " --cuda-graphs" if r.get("cuda_graphs") else ""
         print(
             f"{name:34s} {r['evals_per_s']:9.1f} evals/s  x{r['speedup']:5.1f} naive  "
             f"{100 * r['peak_fraction']:4.0f}% of {r['dtype']} peak  "

@@ -187,6 +187,7 @@ def test_gpu_script_runs_on_a_cpu(tmp_path):
         "PYTHON": sys.executable,
         "BENCH_ARGS": "--popsize 4 --dtype fp32",
         "COMPILE_SHAPES": "tiny-llama",
+        "GRAPH_SHAPES": "tiny-llama",  # CUDA graphs on a CPU: a clear error, the others kept
     }
     done = subprocess.run(
         ["bash", str(ROOT / "experiments" / "gpu_bench.sh"), str(out)],
@@ -198,7 +199,7 @@ def test_gpu_script_runs_on_a_cpu(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["machine"]["gpu"] is None and report["machine"]["torch"] == torch.__version__
-    good, bad, compiled = report["results"]
+    good, bad, compiled, graphed = report["results"]
     assert good["model"] == "synthetic:tiny-llama" and good["device"] == "cpu"
     assert good["evaluations"] == 4 * 3 and good["dtype"] == "fp32"
     assert (good["compile"], compiled["compile"]) == (False, True)
@@ -207,3 +208,5 @@ def test_gpu_script_runs_on_a_cpu(tmp_path):
     assert "unknown shape 'nope'" in done.stderr
     assert "synthetic:tiny-llama " in done.stdout
     assert "synthetic:tiny-llama --compile" in done.stdout
+    assert graphed["error"] == "failed or timed out (stderr above)"
+    assert "cuda_graphs: needs a CUDA device" in done.stderr

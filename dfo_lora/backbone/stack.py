@@ -43,6 +43,12 @@ class StackInputs:
         out = layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def for_module(self, module: nn.Module, layer: nn.Module) -> StackInputs:
+        """The same arguments with `module` (a copy of `layer`) in the layer's place."""
+        if module is layer:
+            return self
+        return StackInputs(batch=self.batch, calls={id(module): self.calls[id(layer)]})
+
     def repeat(self, times: int) -> StackInputs:
         """The same arguments for the batch stacked `times` over (candidates x examples).
 

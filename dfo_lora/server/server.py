@@ -20,7 +20,10 @@ What makes `score` fast (ARCHITECTURE.md), each exact up to dtype rounding:
 - verbalizer-only logits, at the slot position only; the last layer runs its attention
   at every position and the rest (residual, norms, MLP) at the slot only;
 - length buckets: little padding (right padding; causal models need no padding mask),
-  cut finer for the train split, which is scored P-stacked.
+  cut finer for the train split, which is scored P-stacked;
+- on CUDA, with `cuda_graphs`, the layers above the searched one replayed from graphs
+  captured per shape (server/graphs.py; chunks padded to a multiple of GRAPH_ROWS
+  candidates so that varying population sizes share a few shapes).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dfo_lora.backbone import Backbone
 from dfo_lora.backbone.fusion import compile_layers, restore_eager
 from dfo_lora.errors import UserError
 from dfo_lora.server.batching import Bucket, make_buckets
+from dfo_lora.server.graphs import LayerGraphs, pad_weights, padded_rows
 from dfo_lora.server.losses import LOSSES, per_example_loss
 from dfo_lora.spaces import space_class, take
 from dfo_lora.spaces.lora import LoraConfig
@@ -43,6 +47,7 @@ CPU_CHUNK_TOKENS = 16384  # padded tokens per stacked chunk on a CPU (BENCHMARKS
 # Padded tokens worth one more call for the P-stacked train split on a CPU: sst2, k = 16
 # gets 462 tokens for 443 real in 8 buckets (537 in 3 at 64; BENCHMARKS.md "No wasted work")
 TRAIN_CPU_BUCKET_CALL_COST = 4
+GRAPH_ROWS = 4  # cuda_graphs: a chunk's candidates padded up to a multiple of this
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,20 @@ class ServerOptions:
     slot_only_last_layer: bool = True  # last layer's MLP etc. at the slot position only
     # torch.compile each layer's norms and MLP (backbone/fusion.py): fused elementwise work
     compile: bool = False
+    # CUDA: replay the layers above the searched one from captured graphs (server/graphs.py);
+    # "snapshot" is its CPU stand-in for tests (exact, and as stale as a graph if not dropped)
+    cuda_graphs: bool | str = False
 
     def validate(self) -> None:
         for name in ("max_tokens", "max_buckets"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.cuda_graphs not in (False, True, "snapshot"):
+            raise UserError(f"cuda_graphs: {self.cuda_graphs!r} is not true or false")
+        if self.cuda_graphs and self.compile:
+            raise UserError(
+                "cuda_graphs and compile: choose one (a graph captures the eager kernels)"
+            )
 
 
 class EvaluationServer:
@@ -147,6 +161,13 @@ class EvaluationServer:
         else:
             restore_eager(self.layers)  # a reused backbone may come compiled
         self.chunk_tokens = self.options.max_tokens or self._auto_chunk_tokens()
+        graphs = self.options.cuda_graphs
+        self.graphs = (
+            LayerGraphs("snapshot" if graphs == "snapshot" else "cuda", backbone.device)
+            if graphs
+            else None
+        )
+        self._repeated: dict[tuple[int, int], tuple] = {}  # (bucket, rows) -> inputs, slots
 
     def _bucket_call_cost(self, split: str) -> int:
         """Padded tokens worth one more forward call when bucketing `split`."""
@@ -240,7 +261,13 @@ class EvaluationServer:
             self.adapted[layer].commit(weights)
         else:
             self.adapted[layer].commit(None)
+        self._changed(layer)
+
+    def _changed(self, layer: int) -> None:
+        """Layer `layer`'s committed state changed: what was computed from it is stale."""
         self._valid_upto = min(self._valid_upto, layer)
+        if self.graphs is not None:
+            self.graphs.invalidate(layer)
 
     def install_weights(self, layer: int, weights) -> None:
         """Put weights that are no committed z into a layer's modules: the autograd
@@ -248,7 +275,7 @@ class EvaluationServer:
         reads NaN (unknown) until the next `commit` or `set_state` replaces the weights."""
         self.adapted[layer].commit(weights)
         self.z[layer] = np.nan
-        self._valid_upto = min(self._valid_upto, layer)
+        self._changed(layer)
 
     def set_state(self, z: np.ndarray) -> None:
         """Commit every layer at once: z (L, d)."""
@@ -308,7 +335,10 @@ class EvaluationServer:
             for start in range(0, num, per_chunk):
                 stop = min(num, start + per_chunk)
                 chunk = take(weights, start, stop)
-                out = self._candidate_logits(layer, h0, bucket, chunk, stop - start)
+                if self.graphs is not None and layer < self.num_layers - 1:
+                    out = self._graphed_logits(layer, h0, bucket, chunk, stop - start, per_chunk)
+                else:
+                    out = self._candidate_logits(layer, h0, bucket, chunk, stop - start)
                 logits[start:stop, rows] = out.float().cpu()
         if self.calibrate:  # each candidate judged after removing its own label bias
             logits = logits - logits.mean(1, keepdim=True)
@@ -328,6 +358,41 @@ class EvaluationServer:
             modules.clear_candidates()
         logits = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
         return logits.view(num, bucket.size, -1)
+
+    def _graphed_logits(self, layer, h0, bucket, chunk, num, per_chunk) -> torch.Tensor:
+        """`_candidate_logits` with the layers above `layer` replayed from graphs: the
+        chunk padded to `rows` candidates (a captured shape), layer `layer` run eager with
+        the candidates, each layer above through its graph for (bucket, rows)."""
+        rows = padded_rows(num, GRAPH_ROWS, max(per_chunk, num))
+        key = (id(bucket), rows)
+        if key not in self._repeated:  # static for the graphs: made once per shape
+            self._repeated[key] = (
+                self._stack_inputs[id(bucket)].repeat(rows),
+                bucket.slots.repeat(rows),
+            )
+        inputs, slots = self._repeated[key]
+        modules = self.adapted[layer]
+        modules.set_candidates(pad_weights(chunk, rows))
+        try:
+            hidden = self.arch.run_layer(self.layers[layer], h0.repeat(rows, 1, 1), inputs)
+        finally:
+            modules.clear_candidates()
+        last = self.num_layers - 1
+        for j in range(layer + 1, last + 1):
+            original = self.layers[j]
+
+            def run(module, h, original=original, at_slots=j == last):
+                rekeyed = inputs.for_module(module, original)
+                if not at_slots:
+                    return self.arch.run_layer(module, h, rekeyed)
+                if self.options.slot_only_last_layer:
+                    return self.arch.run_layer_at_slots(self.model, module, h, rekeyed, slots)
+                out = self.arch.run_layer(module, h, rekeyed)
+                return out[torch.arange(out.shape[0], device=out.device), slots]
+
+            hidden = self.graphs.run(j, key, original, run, hidden)
+        logits = self.arch.verbalizer_logits(self.model, hidden, self.verbalizer)
+        return logits.view(rows, bucket.size, -1)[:num]
 
     def _run_to_slots(self, first: int, hidden, inputs, slots: torch.Tensor) -> torch.Tensor:
         """Layers first..L-1 on `hidden` (B, T, H); the last one's output at the slots (B, H)."""
