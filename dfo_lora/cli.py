@@ -32,7 +32,7 @@ GROUPS = {
         "device",
         "trust_remote_code",
     ],
-    "search space": ["space", "intrinsic_dim", "alpha", "sigma", "loss", "calibrate"],
+    "search space": ["space", "intrinsic_dim", "class_dim", "alpha", "sigma", "loss", "calibrate"],
     # then one group per set of spaces reading an option (space_groups), then:
     "search": [
         "optimizer",

@@ -100,6 +100,12 @@ class TuneConfig:
     prompt_length: int = space_opt("prompt_length", 50)
     adapter_down: str = space_opt("adapter_down", "searched")
     intrinsic_dim: int = opt(500, "d: entries of z per layer")
+    class_dim: int | None = opt(
+        None,
+        "d per logit difference: a task of C classes gets d = class_dim * (C - 1) entries of "
+        "z per layer in place of intrinsic_dim (config.yaml records the d used)",
+        shown="none: intrinsic_dim",
+    )
     alpha: float = opt(1.0, "projection std multiplier (BBTv2)")
     sigma: float = opt(1.0, "optimizer's initial step size (also in the projection std)")
     a_factor: str = space_opt("a_factor", "searched")
@@ -184,6 +190,7 @@ class TuneConfig:
     cpus_per_server: float = opt(1.0, "ray: CPUs per server actor (also its torch threads)")
 
     def validate(self) -> TuneConfig:
+        self._resolve_class_dim()
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("fwa_variant", self.fwa_variant, FWA_VARIANTS)
         _check_choice("hybrid_mode", self.hybrid_mode, HYBRID_MODES)
@@ -251,6 +258,25 @@ class TuneConfig:
         self.space_config().validate()
         self._validate_optimizer_options()
         return self
+
+    def _resolve_class_dim(self) -> None:
+        """class_dim given: intrinsic_dim = class_dim * (C - 1) for the task's C classes
+        (once resolved, the same again: a resumed run's config.yaml holds that d)."""
+        if self.class_dim is None:
+            return
+        if isinstance(self.class_dim, bool) or self.class_dim <= 0:
+            raise UserError(f"class_dim: must be a positive integer, got {self.class_dim}")
+        from dfo_lora.tasks import resolve_task
+
+        classes = resolve_task(self.task).n_labels
+        dim = self.class_dim * (classes - 1)
+        default = TuneConfig.__dataclass_fields__["intrinsic_dim"].default
+        if self.intrinsic_dim not in (dim, default):
+            raise UserError(
+                f"intrinsic_dim: {self.intrinsic_dim} and class_dim: {self.class_dim} (d = "
+                f"{dim} for the {classes} classes of {self.task}) both set d: give one"
+            )
+        self.intrinsic_dim = dim
 
     def _validate_optimizer_options(self) -> None:
         """Build each layer optimizer kind once, so bad options fail before the model loads."""

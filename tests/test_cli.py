@@ -287,3 +287,39 @@ def test_every_run_option_is_an_option_like_the_baselines():
     assert all(isinstance(o, Option) for o in get_method("gradient-lora").options.values())
     tune_help = build_parser()._subparsers._group_actions[0].choices["tune"].format_help()
     assert "torch.compile each layer's norms and MLP" in " ".join(tune_help.split())
+
+
+def test_class_dim_grows_the_space_with_the_tasks_classes(tmp_path):
+    """class_dim sets d = class_dim * (C - 1) from the task (registered or a YAML file);
+    the resolved config validates again to the same d (a resumed run), and an
+    intrinsic_dim that disagrees, or a class_dim <= 0, is one clear error."""
+    from dfo_lora.config import load_config
+    from dfo_lora.errors import UserError
+
+    dims = {
+        t: load_config(None, {"task": t, "class_dim": 8}).intrinsic_dim
+        for t in ("sst2", "agnews", "trec")
+    }
+    assert dims == {"sst2": 8, "agnews": 24, "trec": 40}
+    task = tmp_path / "three.yaml"
+    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 0}\n')
+    task.write_text(
+        "name: three\nlabels: [a, b, c]\nverbalizer: [x, y, w]\n"
+        'templates:\n  clm: "{text_a} :"\ndata:\n  train: t.jsonl\n  text_a: text\n  label: label\n'
+    )
+    config = load_config(None, {"task": str(task), "class_dim": 5})
+    assert config.intrinsic_dim == 10
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml())
+    assert load_config(saved).intrinsic_dim == 10
+    assert (
+        load_config(None, {"task": "trec", "class_dim": 8, "intrinsic_dim": 40}).intrinsic_dim == 40
+    )
+    with pytest.raises(
+        UserError, match=r"^intrinsic_dim: 8 and class_dim: 8 \(d = 40 for the 6 classes of trec\)"
+    ):
+        load_config(None, {"task": "trec", "class_dim": 8, "intrinsic_dim": 8})
+    with pytest.raises(UserError, match=r"^class_dim: must be a positive integer, got 0$"):
+        load_config(None, {"class_dim": 0})
+    with pytest.raises(UserError, match="class_dim"):
+        load_config(None, {"class_dim": "many"})

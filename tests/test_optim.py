@@ -504,6 +504,20 @@ def test_esgrad_leaves_out_pairs_with_a_non_finite_loss():
     assert np.array_equal(opt.mean, before)  # nothing to estimate: no step
 
 
+def test_esgrad_reference_dim_scales_the_step_with_the_space():
+    """With reference_dim 8, a d = 32 optimizer steps 0.4 * sqrt(32 / 8) = 0.8 far; at
+    d = 8 the step is lr itself, bit for bit the optimizer without the option."""
+    for dim, length in ((32, 0.8), (8, 0.4)):
+        opt = make_optimizer("esgrad", dim, 20, 0.2, 0, lr=0.4, reference_dim=8)
+        z = opt.ask()
+        opt.tell(z, (z**2).sum(1) + z[:, 0])
+        assert np.isclose(np.linalg.norm(opt.mean), length, rtol=1e-12)
+    plain = make_optimizer("esgrad", 8, 20, 0.2, 0, lr=0.4)
+    z = plain.ask()
+    plain.tell(z, (z**2).sum(1) + z[:, 0])
+    assert np.array_equal(plain.mean, opt.mean)
+
+
 @pytest.mark.parametrize(
     "options, popsize, message",
     [
@@ -511,6 +525,8 @@ def test_esgrad_leaves_out_pairs_with_a_non_finite_loss():
         ({"lr": -1.0}, 20, "esgrad.lr: -1.0 must be > 0"),
         ({"normalize": "yes"}, 20, "esgrad.normalize: 'yes' is not true or false"),
         ({"momentum": 0.9}, 20, "esgrad.momentum: unknown option"),
+        ({"reference_dim": 0}, 20, "esgrad.reference_dim: 0 is not a whole number >= 1"),
+        ({"reference_dim": 2.5}, 20, "esgrad.reference_dim: 2.5 is not a whole number"),
     ],
 )
 def test_esgrad_bad_options(options, popsize, message):

@@ -24,8 +24,13 @@ the run config refuses `commit: best`, since the best probe is a random perturba
 m, not a step). `best` is the best probe ever scored, as for every optimizer.
 
 Options:
-  lr         step length (normalize) or learning rate           [sigma]
-  normalize  true: steps of length lr; false: lr * g             [true]
+  lr             step length (normalize) or learning rate           [sigma]
+  normalize      true: steps of length lr; false: lr * g             [true]
+  reference_dim  lr is the step at this d; at the optimizer's d the   [none]
+                 step is lr * sqrt(d / reference_dim). The projected
+                 spaces' maps have a std falling as 1 / sqrt(d), so a
+                 step of length lr moves the weights as far at every d
+                 (a space whose d grows with the task, `class_dim`)
 
 Randomness: the optimizer's own PCG64 generator; the state is m and that generator, so
 `load_state_dict()` continues bit for bit.
@@ -78,6 +83,11 @@ class GradientStep(Optimizer):
         if not isinstance(normalize, bool):
             raise UserError(f"{name}.normalize: {normalize!r} is not true or false")
         self.normalize = normalize
+        reference = self.options.get("reference_dim")
+        if reference is not None:
+            if isinstance(reference, bool) or not isinstance(reference, int) or reference < 1:
+                raise UserError(f"{name}.reference_dim: {reference!r} is not a whole number >= 1")
+            self.lr *= math.sqrt(self.dim / reference)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._m = np.zeros(self.dim)
 

@@ -92,9 +92,9 @@ _ENTRIES = (
         "esgrad",
         "gradient",
         "dfo_lora.optim.esgrad:GradientStep",
-        ("lr", "normalize"),
+        ("lr", "normalize", "reference_dim"),
         "antithetic least-squares gradient estimate, one step of length lr per generation "
-        "(needs commit: mean)",
+        "(lr * sqrt(d / reference_dim) with reference_dim; needs commit: mean)",
         commits_best=False,
     ),
 )
