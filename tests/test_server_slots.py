@@ -119,3 +119,19 @@ def test_finer_train_buckets_score_as_coarse_ones(arch):
     assert rel_err(got[None], got[64]) <= 1e-5
     if DEVICE.type == "cpu":
         assert padded[None] < padded[64]
+
+
+def test_the_train_call_cost_knows_the_device():
+    """Cut finer on a CPU (FLOPs dominate), coarser on CUDA (calls dominate); an explicit
+    cost wins on both."""
+    from dfo_lora.server.server import (
+        TRAIN_CPU_BUCKET_CALL_COST,
+        TRAIN_CUDA_BUCKET_CALL_COST,
+        train_call_cost,
+    )
+
+    auto, given = ServerOptions(), ServerOptions(train_bucket_call_cost=16)
+    assert train_call_cost(auto, torch.device("cpu")) == TRAIN_CPU_BUCKET_CALL_COST == 4
+    assert train_call_cost(auto, torch.device("cuda")) == TRAIN_CUDA_BUCKET_CALL_COST == 128
+    assert train_call_cost(given, torch.device("cuda")) == 16
+    assert train_call_cost(given, torch.device("cpu")) == 16

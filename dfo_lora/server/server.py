@@ -47,6 +47,11 @@ CPU_CHUNK_TOKENS = 16384  # padded tokens per stacked chunk on a CPU (BENCHMARKS
 # Padded tokens worth one more call for the P-stacked train split on a CPU: sst2, k = 16
 # gets 462 tokens for 443 real in 8 buckets (537 in 3 at 64; BENCHMARKS.md "No wasted work")
 TRAIN_CPU_BUCKET_CALL_COST = 4
+# The same on CUDA, where a call's launches and Python cost more than its padding: on an
+# H200 (roberta-large shape, P = 20) one bucket of 1,312 padded tokens beat eight of 633
+# (740 against 701 evals/s), so 7 calls were worth more than 679 tokens, ~97 a call
+# (BENCHMARKS.md "Real shapes on one GPU"); 128 is the round figure above that bound.
+TRAIN_CUDA_BUCKET_CALL_COST = 128
 GRAPH_ROWS = 4  # cuda_graphs: a chunk's candidates padded up to a multiple of this
 
 
@@ -60,8 +65,9 @@ class ServerOptions:
     bucket_call_cost: int = 64  # padding tokens worth one more forward call, for bucketing
     # The same for the train split, which `score` runs P times over (P candidates stacked):
     # a padded token there costs P tokens of work while a bucket costs one more call per
-    # layer. None = auto: TRAIN_CPU_BUCKET_CALL_COST on a CPU, where FLOPs dominate and it
-    # pays to cut finer; `bucket_call_cost` on CUDA, where calls dominate (BENCHMARKS.md).
+    # layer. None = auto, by device (`train_call_cost`): TRAIN_CPU_BUCKET_CALL_COST on a CPU,
+    # where FLOPs dominate and it pays to cut finer; TRAIN_CUDA_BUCKET_CALL_COST on CUDA,
+    # where calls dominate (BENCHMARKS.md).
     train_bucket_call_cost: int | None = None
     max_buckets: int = 8  # length buckets per split at most
     prefix_cache: bool = True  # reuse layer inputs below the searched layer
@@ -174,11 +180,7 @@ class EvaluationServer:
         options = self.options
         if split != "train":
             return options.bucket_call_cost
-        if options.train_bucket_call_cost is not None:
-            return options.train_bucket_call_cost
-        if self.backbone.device.type == "cuda":
-            return options.bucket_call_cost
-        return TRAIN_CPU_BUCKET_CALL_COST
+        return train_call_cost(options, self.backbone.device)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -452,6 +454,15 @@ class EvaluationServer:
 
 
 WORST_LOSS = 1e4  # a NaN/inf loss counts as this (worse than any real CE/hinge value)
+
+
+def train_call_cost(options: ServerOptions, device: torch.device) -> int:
+    """Padded train tokens worth one more stacked call on `device` (ServerOptions)."""
+    if options.train_bucket_call_cost is not None:
+        return options.train_bucket_call_cost
+    if device.type == "cuda":
+        return TRAIN_CUDA_BUCKET_CALL_COST
+    return TRAIN_CPU_BUCKET_CALL_COST
 
 
 def _worst_if_nan(losses: torch.Tensor) -> torch.Tensor:
