@@ -34,8 +34,8 @@ from dfo_lora.spaces import (
     check_space_name,
     option_help,
     option_users,
+    options_alike,
     space_config,
-    space_options,
 )
 
 
@@ -51,8 +51,8 @@ def opt(default, help_text: str, shown: str | None = None):
 def space_opt(key: str, default):
     """A field that only some spaces read, its help from those spaces' declarations; where
     they differ, each space's default is in brackets (None: the space's own default)."""
-    alike = len({(o.help, o.shown, o.default) for o in space_options(key).values()}) == 1
-    return opt(default, option_help(key), shown=None if alike else "the space's, in brackets")
+    shown = None if options_alike(key) else "the space's, in brackets"
+    return opt(default, option_help(key), shown=shown)
 
 
 FIT_SPLITS = ("train", "train+dev")

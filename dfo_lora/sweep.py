@@ -419,7 +419,7 @@ def _run_sweep(sweep: Sweep, echo) -> dict:
     echo(f"sweep: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished")
 
     def one(run: SweepRun, server_for=None) -> None:
-        resume = run.baseline is None and _resumable(run)
+        resume = _resumes(run)
         echo(f"sweep: {run.name}: {'resuming' if resume else 'starting'}")
         results, error = _attempt(run, resume, server_for)
         finish(run, results, error)
@@ -453,6 +453,11 @@ def _run_sweep(sweep: Sweep, echo) -> dict:
         "failed": counts["failed"],
         "jsonl": str(jsonl),
     }
+
+
+def _resumes(run: SweepRun) -> bool:
+    """A tuning run that left a checkpoint of the same config continues (baselines restart)."""
+    return run.baseline is None and _resumable(run)
 
 
 def _attempt(run: SweepRun, resume: bool, server_for=None) -> tuple[dict | None, str | None]:
@@ -518,8 +523,7 @@ def _run_local_processes(runs: list[SweepRun], concurrency: int, echo, finish) -
         echo(f"sweep: {len(runs)} runs queued, {concurrency} at a time, {threads} threads each")
         futures = {}
         for run in runs:
-            resume = run.baseline is None and _resumable(run)
-            futures[pool.submit(_attempt_in_worker, run, resume, threads)] = run
+            futures[pool.submit(_attempt_in_worker, run, _resumes(run), threads)] = run
         for future in as_completed(futures):
             try:
                 results, error = future.result()

@@ -385,12 +385,9 @@ class EvaluationServer:
 
             def run(module, h, original=original, at_slots=j == last):
                 rekeyed = inputs.for_module(module, original)
-                if not at_slots:
-                    return self.arch.run_layer(module, h, rekeyed)
-                if self.options.slot_only_last_layer:
-                    return self.arch.run_layer_at_slots(self.model, module, h, rekeyed, slots)
-                out = self.arch.run_layer(module, h, rekeyed)
-                return out[torch.arange(out.shape[0], device=out.device), slots]
+                if at_slots:
+                    return self._last_layer_at_slots(module, h, rekeyed, slots)
+                return self.arch.run_layer(module, h, rekeyed)
 
             hidden = self.graphs.run(j, key, original, run, hidden)
         logits = self.arch.verbalizer_logits(self.model, hidden, self.verbalizer)
@@ -401,11 +398,14 @@ class EvaluationServer:
         last = self.num_layers - 1
         for j in range(first, last):
             hidden = self.arch.run_layer(self.layers[j], hidden, inputs)
+        return self._last_layer_at_slots(self.layers[last], hidden, inputs, slots)
+
+    def _last_layer_at_slots(self, layer, hidden, inputs, slots: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (B, H) at the slots: its per-token part at the slots only
+        (`slot_only_last_layer`), else the whole layer and a gather."""
         if self.options.slot_only_last_layer:
-            return self.arch.run_layer_at_slots(
-                self.model, self.layers[last], hidden, inputs, slots
-            )
-        hidden = self.arch.run_layer(self.layers[last], hidden, inputs)
+            return self.arch.run_layer_at_slots(self.model, layer, hidden, inputs, slots)
+        hidden = self.arch.run_layer(layer, hidden, inputs)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), slots]
 
     # ------------------------------------------------------------------ evaluation

@@ -97,15 +97,26 @@ def space_options(key: str) -> dict[str, Option]:
     return declared
 
 
-def option_help(key: str) -> str:
-    """The help of a space option, from the spaces that read it: their shared help where
-    they declare it alike, else "lora: ... [its default]; series: ... [its default]"."""
-    entries: dict[tuple, list[str]] = {}
+def _declared_help(key: str) -> dict[tuple[str, str], list[str]]:
+    """(help, shown default) -> the spaces that declare a space option so."""
+    entries: dict[tuple[str, str], list[str]] = {}
     for name, option in space_options(key).items():
         default = option.shown if option.shown is not None else option.default
         if isinstance(default, tuple):
             default = ",".join(default)
         entries.setdefault((option.help, str(default)), []).append(name)
+    return entries
+
+
+def options_alike(key: str) -> bool:
+    """Whether every space that reads `key` declares it with the same help and default."""
+    return len(_declared_help(key)) == 1
+
+
+def option_help(key: str) -> str:
+    """The help of a space option, from the spaces that read it: their shared help where
+    they declare it alike, else "lora: ... [its default]; series: ... [its default]"."""
+    entries = _declared_help(key)
     if len(entries) == 1:
         return next(iter(entries))[0]
     return "; ".join(
@@ -150,6 +161,7 @@ __all__ = [
     "check_space_name",
     "space_class",
     "option_help",
+    "options_alike",
     "option_users",
     "run_keys",
     "space_config",
