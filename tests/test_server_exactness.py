@@ -256,7 +256,10 @@ def test_predict_matches_reference_after_commits(arch):
         server.commit(layer, rng.normal(size=server.dim))
     got = server.predict("dev")["logits"]
     want = merged_reference_logits(server, server.get_state(), splits["dev"], VERBALIZER)
-    assert rel_err(got, want.numpy()) <= RTOL
+    # Unit-normal commits at every layer are large deltas; the merged W + BA and the
+    # server's factored path sum in different orders, which the AVX512 fp32 kernels of an
+    # AMD EPYC put at 1.5e-4 on gpt_neox (1e-4 held on AMX and AVX2). A wrong delta is O(1).
+    assert rel_err(got, want.numpy()) <= 3 * RTOL
 
 
 @pytest.mark.parametrize("loss", ["hinge", "neg_acc"])
