@@ -50,6 +50,18 @@ def gradient(server, z: torch.Tensor) -> tuple[np.ndarray, float]:
     return zt.grad.detach().numpy().astype(np.float64), float(loss.detach())
 
 
+def layer_gradient(server, z: torch.Tensor, layer: int) -> tuple[np.ndarray, float]:
+    """The loss at z and its gradient in `layer`'s row only (d,). The other rows are
+    installed without autograd, so the backward pass stops at `layer` instead of running
+    down to layer 0 for gradients a layer-wise visit does not use."""
+    row = z[layer : layer + 1].clone().requires_grad_(True)
+    install(server, z)
+    server.install_weights(layer, server.space.weights(layer, row, server.backbone.dtype))
+    loss, _ = train_loss(server, "ce", True)
+    loss.backward()
+    return row.grad[0].detach().numpy().astype(np.float64), float(loss.detach())
+
+
 def step(g: np.ndarray, lr: float, normalize: str) -> np.ndarray:
     """The move of the rows of g (one layer, or all) under the rule."""
     if normalize == "none":
@@ -114,8 +126,9 @@ def main() -> None:
 
     check(0, None)
     layers = list(range(server.num_layers))
-    adam = torch.zeros(z.shape, dtype=torch.float32, requires_grad=True)
-    adam_opt = torch.optim.AdamW([adam], lr=args.lr, weight_decay=0.0)
+    if args.rule == "adam":
+        adam = torch.zeros(z.shape, dtype=torch.float32, requires_grad=True)
+        adam_opt = torch.optim.AdamW([adam], lr=args.lr, weight_decay=0.0)
     for count in range(1, args.rounds + 1):
         if args.rule == "adam":
             g, loss = gradient(server, adam.detach())
@@ -128,8 +141,8 @@ def main() -> None:
         else:
             order = {"bottom_up": layers, "top_down": layers[::-1]}.get(args.order)
             for layer in order if order is not None else rng.permutation(layers):
-                g, loss = gradient(server, torch.tensor(z, dtype=torch.float32))
-                z[layer] -= step(g[layer : layer + 1], args.lr, args.normalize)[0]
+                g, loss = layer_gradient(server, torch.tensor(z, dtype=torch.float32), layer)
+                z[layer] -= step(g[None], args.lr, args.normalize)[0]
         if count % args.eval_every == 0 or count == args.rounds:
             check(count, loss)
 
