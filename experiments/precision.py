@@ -1,15 +1,16 @@
-"""Is what CMA-ES ranks in bf16 the candidates' loss, or rounding? (issue 21 §2, Precision)
+"""Is what the search ranks in bf16 the candidates' loss, or rounding? (issue 21 §2, Precision)
 
     OMP_NUM_THREADS=1 python experiments/precision.py --task sst2 --seed 42 --layers 0,15,29 \
-        --steps 0.2,0.02 --out experiments/quality/ceiling/precision.jsonl
+        --steps 0.2,0.02 --dtypes bf16,bf16-mixed --out experiments/quality/ceiling/precision.jsonl
 
-Builds the recommended search's server (experiments/configs/recommended.yaml) once per
-dtype (bf16, fp32) on the same data, draws the population CMA-ES draws first at a layer
-(20 candidates z ~ s N(0, I), the other layers at z = 0) and scores it in both. Per layer
-and step s it reports the spread of the population's train losses in each dtype, the
-rounding error of one candidate (bf16 loss minus fp32 loss: its std over the population)
-and how well the bf16 ranking agrees with the fp32 one (Spearman rho, and whether both
-pick the same best candidate: what `commit best` keeps). One JSON line per (layer, s).
+Builds the recommended search's server (experiments/configs/recommended.yaml) once in fp32
+and once per other dtype (`--dtypes`: bf16, bf16-mixed, fp16) on the same data, draws the
+population CMA-ES draws first at a layer (20 candidates z ~ s N(0, I), the other layers at
+z = 0) and scores it in each. Per layer, step s and dtype it reports the spread of the
+population's train losses in fp32 and in the dtype, the rounding error of one candidate
+(loss minus fp32 loss: its std over the population) and how well the dtype's ranking
+agrees with fp32's (Spearman rho, and whether both pick the same best candidate: what
+`commit best` keeps). One JSON line per (layer, s, dtype).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--layers", default="0,15,29")
     parser.add_argument("--steps", default="0.2,0.02")
     parser.add_argument("--popsize", type=int, default=20)
+    parser.add_argument("--dtypes", default="bf16", help="compared with fp32, comma-separated")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -46,7 +48,8 @@ def main() -> None:
     losses: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     reference = None
-    for dtype in ("fp32", "bf16"):
+    dtypes = args.dtypes.split(",")
+    for dtype in ("fp32", *dtypes):
         overrides = {"task": args.task, "seed": args.seed, "dtype": dtype, "test_limit": 1}
         server = build_server(load_config(args.config, overrides).server_spec())
         # One space for both: the fixed A comes from moments measured in the server's
@@ -67,33 +70,36 @@ def main() -> None:
     rows = []
     for layer in layers:
         for step in steps:
-            f32, b16 = losses[f"fp32/{layer}/{step}"], losses[f"bf16/{layer}/{step}"]
-            rows.append(
-                {
-                    "space": "shared fp32 space",
-                    "task": args.task,
-                    "seed": args.seed,
-                    "layer": layer,
-                    "step": step,
-                    "spread_fp32": float(np.std(f32)),
-                    "spread_bf16": float(np.std(b16)),
-                    "rounding_std": float(np.std(b16 - f32)),
-                    "rounding_bias": float(np.mean(b16 - f32)),
-                    "spearman": spearman(f32, b16),
-                    "same_best": bool(np.argmin(f32) == np.argmin(b16)),
-                    "fp32_rank_of_bf16_best": int(np.argsort(np.argsort(f32))[np.argmin(b16)]),
-                    "score_seconds": seconds,
-                }
-            )
+            for dtype in dtypes:
+                f32, low = losses[f"fp32/{layer}/{step}"], losses[f"{dtype}/{layer}/{step}"]
+                rows.append(
+                    {
+                        "space": "shared fp32 space",
+                        "task": args.task,
+                        "seed": args.seed,
+                        "dtype": dtype,
+                        "layer": layer,
+                        "step": step,
+                        "spread_fp32": float(np.std(f32)),
+                        "spread": float(np.std(low)),
+                        "rounding_std": float(np.std(low - f32)),
+                        "rounding_bias": float(np.mean(low - f32)),
+                        "spearman": spearman(f32, low),
+                        "same_best": bool(np.argmin(f32) == np.argmin(low)),
+                        "fp32_rank_of_best": int(np.argsort(np.argsort(f32))[np.argmin(low)]),
+                        "score_seconds": seconds,
+                    }
+                )
     with args.out.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print("| layer | s | spread fp32 | spread bf16 | rounding std | Spearman | same best |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layer | s | dtype | spread fp32 | spread | rounding std | Spearman | same best |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['layer']} | {r['step']} | {r['spread_fp32']:.5f} | {r['spread_bf16']:.5f} "
-            f"| {r['rounding_std']:.5f} | {r['spearman']:.2f} | {r['same_best']} |"
+            f"| {r['layer']} | {r['step']} | {r['dtype']} | {r['spread_fp32']:.5f} "
+            f"| {r['spread']:.5f} | {r['rounding_std']:.5f} | {r['spearman']:.2f} "
+            f"| {r['same_best']} |"
         )
     print(f"score time: {seconds}")
 

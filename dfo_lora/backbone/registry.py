@@ -162,16 +162,21 @@ class Architecture:
     def verbalizer_logits(
         self, model: nn.Module, hidden_at_slot: torch.Tensor, token_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Logits of the verbalizer tokens only: (B, H) -> (B, V_verb), never the full vocab."""
-        transform = self.head_transform or _final_norm(model, self)
-        hidden = transform(model, hidden_at_slot)
-        weight, bias = (self.head_rows or _output_rows)(model)
-        logits = hidden @ weight[token_ids].T
-        if bias is not None:
-            logits = logits + bias[token_ids]
-        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-        if cap:  # Gemma: logits = cap * tanh(logits / cap)
-            logits = torch.tanh(logits / cap) * cap
+        """Logits of the verbalizer tokens only: (B, H) -> (B, V_verb) in fp32, never the
+        full vocab. Outside any autocast (bf16-mixed), in the weights' dtype up to the
+        product, then fp32: a bf16 logit near 10 is rounded by up to 0.03, which left a
+        floor of 0.003 in a 32-example mean loss, the size of the differences between a
+        search's candidates (BENCHMARKS.md "Precision"); the (B, C) product costs nothing."""
+        with torch.autocast(hidden_at_slot.device.type, enabled=False):
+            transform = self.head_transform or _final_norm(model, self)
+            hidden = transform(model, hidden_at_slot)
+            weight, bias = (self.head_rows or _output_rows)(model)
+            logits = hidden.float() @ weight[token_ids].float().T
+            if bias is not None:
+                logits = logits + bias[token_ids].float()
+            cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+            if cap:  # Gemma: logits = cap * tanh(logits / cap)
+                logits = torch.tanh(logits / cap) * cap
         return logits
 
 
