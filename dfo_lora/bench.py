@@ -289,7 +289,8 @@ class NaiveScorer:
             merge_delta(module, delta, proj.out_slice)
             merged.append((module, delta, proj.out_slice))
         try:
-            logits = self.model(input_ids=self.ids, attention_mask=self.mask).logits
+            with self.server.backbone.compute():
+                logits = self.model(input_ids=self.ids, attention_mask=self.mask).logits
             rows = logits[torch.arange(len(self.slots)), self.slots][:, self.server.verbalizer]
             return float(per_example_loss("ce", rows, self.labels).mean())
         finally:
@@ -319,7 +320,8 @@ def plain_stacked_forward(server: EvaluationServer, popsize: int) -> None:
         [torch.nn.functional.pad(b.attention_mask, (0, width - b.length)) for b in buckets]
     ).repeat(popsize, 1)
     body = server.model.base_model
-    body(input_ids=ids, attention_mask=mask)
+    with server.backbone.compute():
+        body(input_ids=ids, attention_mask=mask)
 
 
 def gradient_step(server: EvaluationServer, seed: int) -> dict | None:
@@ -373,7 +375,7 @@ def run_bench(
     if server.options.compile:  # the one-time compile (every bucket's shapes), timed apart
         server.score(0, np.zeros((popsize, server.dim)))
     compile_time = time.perf_counter() - start
-    dtype = server.backbone.dtype
+    dtype = server.backbone.autocast or server.backbone.dtype  # the matmuls' dtype
     dtype_name = DTYPE_NAMES[dtype]
     peak = MatmulPeak(dtype, device, peak_size(dtype, device))
     naive = NaiveScorer(server, plain_model_copy(server))
@@ -409,7 +411,7 @@ def run_bench(
     return {
         "model": info["model"],
         "task": task_label or spec.task,
-        "dtype": dtype_name,
+        "dtype": dtype_name + ("-mixed" if server.backbone.autocast else ""),
         "device": info["device"],
         "popsize": popsize,
         "n_train": info["split_sizes"]["train"],

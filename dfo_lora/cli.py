@@ -201,7 +201,9 @@ def build_parser() -> ArgumentParser:
     ev.add_argument(
         "--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)"
     )
-    ev.add_argument("--dtype", default=None, help="auto | bf16 | fp16 | fp32 (default: the run's)")
+    ev.add_argument(
+        "--dtype", default=None, help="auto | bf16 | bf16-mixed | fp16 | fp32 (default: the run's)"
+    )
 
     export = sub.add_parser(
         "export",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from dfo_lora.backbone.loading import DTYPE_CHOICES
 from dfo_lora.errors import UserError, did_you_mean
 from dfo_lora.options import Option
 from dfo_lora.search import policy
@@ -78,7 +79,11 @@ class TuneConfig:
         None, "score only the first N test examples (quick runs)", shown="the whole split"
     )
     max_length: int = opt(256, "tokens per example; the text is cut, never the template")
-    dtype: str = opt("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 where native, else fp32)")
+    dtype: str = opt(
+        "auto",
+        "auto | bf16 | bf16-mixed | fp16 | fp32 (auto: bf16 where native, else fp32; "
+        "bf16-mixed: fp32 weights and hidden states, bf16 matmuls)",
+    )
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = opt(
         False, "run a model folder's own modelling code (config.json auto_map); off unless asked"
@@ -206,7 +211,7 @@ class TuneConfig:
         if not (self.z_penalty >= 0 and math.isfinite(self.z_penalty)):
             raise UserError(f"z_penalty: must be a finite number >= 0, got {self.z_penalty}")
         _check_choice("loss", self.loss, LOSSES)
-        _check_choice("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         _check_choice("backend", self.backend, BACKENDS)
         for name in (
             "k",

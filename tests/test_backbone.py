@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dfo_lora.backbone import architecture_for, load_backbone, resolve_dtype
+from dfo_lora.backbone.loading import resolve_precision
 from dfo_lora.errors import UserError
 
 
@@ -39,7 +40,10 @@ def test_dtype_and_device_choice():
     assert resolve_dtype("fp32", cpu) == torch.float32
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
     assert resolve_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
-    with pytest.raises(UserError, match="dtype: 'fp8'"):
+    # bf16-mixed keeps fp32 weights and runs the matmuls under a bf16 autocast
+    assert resolve_precision("bf16-mixed", cpu) == (torch.float32, torch.bfloat16)
+    assert resolve_precision("bf16", cpu) == (torch.bfloat16, None)
+    with pytest.raises(UserError, match="dtype: 'fp8' is not one of .*bf16-mixed"):
         resolve_dtype("fp8", cpu)
 
 

@@ -82,8 +82,8 @@ def run_options(name: str) -> dict:
     return {"space": space, ("a_factor" if space == "hydra" else "adapter_down"): fixed}
 
 
-def build(arch: str, name: str, options: ServerOptions | None = None, **overrides):
-    backbone = tiny_model(arch, 0)
+def build(arch: str, name: str, options: ServerOptions | None = None, autocast=None, **overrides):
+    backbone = tiny_model(arch, 0, autocast=autocast)
     splits = {
         "train": random_examples(backbone, 10, seed=1),
         "dev": random_examples(backbone, 7, seed=2),
@@ -223,6 +223,25 @@ def test_score_equals_hf_forward_with_the_weights_installed(arch, name):
     rtol = 5e-4 if name.startswith("hydra") else RTOL
     assert rel_err(got, want) <= rtol, (got, want)
     assert np.ptp(got) > 1e-4  # the candidates really differ
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+@pytest.mark.parametrize("name", SPACE_NAMES)
+def test_score_in_bf16_mixed_is_as_close_to_fp32_as_hf_under_autocast(arch, name):
+    """Every space under bf16-mixed: within 5x (or 2%) of the stock forward's error under
+    the same autocast against the fp32 truth, and not fp32's numbers (bf16 matmuls ran)."""
+    server, splits = build(arch, name, autocast=torch.bfloat16)
+    rng = np.random.default_rng(0)
+    server.commit(0, rng.normal(size=server.dim))
+    server.commit(2, rng.normal(size=server.dim))
+    cands = rng.normal(size=(5, server.dim))
+    layer = 0 if name == "prompt" else 1
+    got = server.score(layer, cands)["loss"]
+    truth = reference_losses(server, layer, cands, splits["train"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hf_mixed = reference_losses(server, layer, cands, splits["train"])
+    assert rel_err(got, truth) <= max(5 * rel_err(hf_mixed, truth), 0.02), (got, hf_mixed)
+    assert rel_err(got, truth) > 1e-5
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

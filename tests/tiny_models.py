@@ -64,7 +64,12 @@ DECODERS: dict[str, tuple[str, str, dict]] = {
 ARCHS = [*DECODERS, "gemma3-eager", "opt", "gpt_neox", "gpt2", "roberta", "bert"]
 
 
-def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_model(
+    arch: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    autocast: torch.dtype | None = None,
+):
     torch.manual_seed(seed)
     # A larger init than HF's 0.02 so that low-rank deltas visibly change the outputs.
     common = dict(vocab_size=VOCAB, pad_token_id=PAD, initializer_range=0.2)
@@ -131,7 +136,7 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     net.config._attn_implementation = attention or "sdpa"
     net = net.to(dtype)
     tok = SimpleNamespace(pad_token_id=PAD, eos_token_id=PAD)
-    return prepare_backbone(net, tok, f"tiny-{arch}", DEVICE)
+    return prepare_backbone(net, tok, f"tiny-{arch}", DEVICE, autocast)
 
 
 def random_examples(backbone, n: int, seed: int, min_len=4, max_len=14) -> list[Encoded]:

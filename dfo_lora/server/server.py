@@ -198,7 +198,7 @@ class EvaluationServer:
             "model": self.backbone.name,
             "num_layers": self.num_layers,
             "dim": self.dim,
-            "dtype": str(self.backbone.dtype).replace("torch.", ""),
+            "dtype": self.backbone.precision,
             "device": str(self.backbone.device),
             "split_sizes": dict(self.split_sizes),
             "train_tokens": sum(b.real_tokens for b in train),
@@ -307,13 +307,14 @@ class EvaluationServer:
         """Train-set input to `layer` under the committed state, reusing what is valid."""
         if not self.options.prefix_cache:
             self._valid_upto = 0
-        while self._valid_upto < layer:
-            j = self._valid_upto
-            self._cache[j + 1] = [
-                self.arch.run_layer(self.layers[j], h, self._stack_inputs[id(b)])
-                for h, b in zip(self._cache[j], self.buckets["train"], strict=True)
-            ]
-            self._valid_upto = j + 1
+        with self.backbone.compute():
+            while self._valid_upto < layer:
+                j = self._valid_upto
+                self._cache[j + 1] = [
+                    self.arch.run_layer(self.layers[j], h, self._stack_inputs[id(b)])
+                    for h, b in zip(self._cache[j], self.buckets["train"], strict=True)
+                ]
+                self._valid_upto = j + 1
         return self._cache[layer]
 
     @torch.inference_mode()
@@ -337,10 +338,13 @@ class EvaluationServer:
             for start in range(0, num, per_chunk):
                 stop = min(num, start + per_chunk)
                 chunk = take(weights, start, stop)
-                if self.graphs is not None and layer < self.num_layers - 1:
-                    out = self._graphed_logits(layer, h0, bucket, chunk, stop - start, per_chunk)
-                else:
-                    out = self._candidate_logits(layer, h0, bucket, chunk, stop - start)
+                with self.backbone.compute():
+                    if self.graphs is not None and layer < self.num_layers - 1:
+                        out = self._graphed_logits(
+                            layer, h0, bucket, chunk, stop - start, per_chunk
+                        )
+                    else:
+                        out = self._candidate_logits(layer, h0, bucket, chunk, stop - start)
                 logits[start:stop, rows] = out.float().cpu()
         if self.calibrate:  # each candidate judged after removing its own label bias
             logits = logits - logits.mean(1, keepdim=True)
@@ -422,9 +426,10 @@ class EvaluationServer:
             for start in range(0, bucket.size, per_chunk):
                 rows = slice(start, start + per_chunk)
                 ids = bucket.input_ids[rows]
-                hidden, inputs = self.arch.enter(self.model, ids, bucket.attention_mask[rows])
-                at_slot = self._run_to_slots(0, hidden, inputs, bucket.slots[rows])
-                out = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
+                with self.backbone.compute():
+                    hidden, inputs = self.arch.enter(self.model, ids, bucket.attention_mask[rows])
+                    at_slot = self._run_to_slots(0, hidden, inputs, bucket.slots[rows])
+                    out = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
                 logits[bucket.order[rows]] = out.float().cpu().numpy()
                 labels[bucket.order[rows]] = bucket.labels[rows].cpu().numpy()
         return {"logits": logits, "labels": labels}

@@ -58,6 +58,12 @@ def merge_delta(module: nn.Module, delta: torch.Tensor, out_slice: OutSlice) -> 
             module.weight[:, cols] += delta.T.to(module.weight.dtype)
 
 
+def widened(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A frozen module's output in its input's dtype: under autocast (bf16-mixed) the bf16
+    output is widened before a space adds a small change, which bf16 would round away."""
+    return out.to(x.dtype)
+
+
 class SlicedProjection(nn.Module):
     """A frozen projection (Linear or Conv1D) wrapped by a space that adds its own change to
     each target's output slice: per target, the committed state and the P candidates of a

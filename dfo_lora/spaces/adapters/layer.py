@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfo_lora.spaces.modules import widened
+
 AdapterWeights = tuple[torch.Tensor, torch.Tensor]  # down (m, in), up (out, m)
 
 
@@ -52,7 +54,7 @@ class AdapterModule(nn.Module):
         self.candidates: AdapterWeights | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = widened(self.base(x), x)
         if self.series:
             source = out
         elif self.stash is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dfo_lora.spaces.modules import SlicedProjection, add_to_columns
+from dfo_lora.spaces.modules import SlicedProjection, add_to_columns, widened
 
 
 class BiasShift(SlicedProjection):
@@ -21,7 +21,7 @@ class BiasShift(SlicedProjection):
     candidates: dict[str, torch.Tensor]  # target -> (P, w)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
+        out = widened(self.base(x, *args, **kwargs), x)
         if not self.committed and not self.candidates:
             return out
         for target, out_slice in self.out_slices.items():

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dfo_lora.spaces.modules import (
-    SlicedProjection,
-    add_to_columns,
-)
+from dfo_lora.spaces.modules import SlicedProjection, add_to_columns, widened
 
 HydraWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # A, B, R
 
@@ -42,7 +39,7 @@ class HydraProjection(SlicedProjection):
     candidates: dict[str, HydraWeights]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = widened(self.base(x), x)
         if not self.candidates and not self.committed:
             return out
         num = next(iter(self.candidates.values()))[0].shape[0] if self.candidates else 1

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dfo_lora.spaces.base import Weights
-from dfo_lora.spaces.modules import SlicedProjection, add_to_columns
+from dfo_lora.spaces.modules import SlicedProjection, add_to_columns, widened
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -56,9 +56,12 @@ class LoraProjection(SlicedProjection):
     def _add(self, out: torch.Tensor, target: str, delta: torch.Tensor) -> None:
         add_to_columns(out, self.out_slices[target], delta)
 
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return widened(self.base(x), x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.candidates:
-            out = self.base(x)
+            out = self._base(x)
             for target, (a, b) in self.committed.items():  # (r, in), (out, r)
                 self._add(out, target, (x @ a.T) @ b.T)
             return out
@@ -70,12 +73,12 @@ class LoraProjection(SlicedProjection):
         block = rows // num_cand  # n * T rows per candidate
         if self.shared_input:
             x0 = x.reshape(rows, width)[:block]  # every block holds this same input
-            base = self.base(x0)  # (nT, out)
+            base = self._base(x0)  # (nT, out)
             out = base.repeat(num_cand, 1).view(*x.shape[:-1], -1)  # a real copy to add into
             x_blocks = None
         else:
             x0 = None
-            out = self.base(x)
+            out = self._base(x)
             x_blocks = x.reshape(num_cand, block, width)
         for target in self.out_slices:
             if target in self.candidates:
