@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dfo_lora.backbone import Backbone, prepare_backbone
-from dfo_lora.backbone.loading import resolve_device, resolve_dtype
+from dfo_lora.backbone.loading import resolve_device, resolve_precision
 from dfo_lora.errors import UserError
 from dfo_lora.tasks.encoding import EncodedExample
 
@@ -185,7 +185,7 @@ def synthetic_backbone(
     quiet_transformers()
     config = shape_config(name)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype, autocast = resolve_precision(dtype, torch_device)
     check_fits(name, config, torch_dtype, torch_device, max_memory)
     with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -195,7 +195,7 @@ def synthetic_backbone(
             )
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     tokenizer = SimpleNamespace(pad_token_id=pad, eos_token_id=pad)  # no tokenizer needed
-    return prepare_backbone(net, tokenizer, f"synthetic:{name}", torch_device)
+    return prepare_backbone(net, tokenizer, f"synthetic:{name}", torch_device, autocast)
 
 
 def synthetic_examples(

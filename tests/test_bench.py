@@ -63,6 +63,17 @@ def test_synthetic_bench_reports_every_figure(capsys):
     assert result["train_tokens"] <= result["train_padded_tokens"]
 
 
+def test_bench_in_bf16_mixed_names_it_and_takes_the_bf16_peak(capsys):
+    """bf16-mixed runs its matmuls in bf16: its fraction is of the bf16 peak."""
+    argv = ["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--dtype", "bf16-mixed"]
+    assert main([*argv, "--popsize", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "bf16-mixed" and result["peak_sampled_with_round"] == "bf16"
+    peaks = result["matmul_peak_flops_per_s"]
+    assert result["peak_fraction"] == pytest.approx(result["achieved_flops_per_s"] / peaks["bf16"])
+    assert result["evals_per_s"] > 0 and result["naive_evals_per_s"] > 0
+
+
 def test_synthetic_bench_text_report(capsys):
     assert main(["bench", "--synthetic", "tiny-roberta", "--popsize", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
