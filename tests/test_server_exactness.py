@@ -77,6 +77,15 @@ def test_score_equals_merged_hf_forward(arch, targets):
     _check_score_against_reference(server, splits)
 
 
+def _scored_between_commits(server) -> tuple[np.ndarray, np.ndarray]:
+    """Layer 1's losses for 5 random candidates, layers 0 and 2 committed: (losses, Z)."""
+    rng = np.random.default_rng(0)
+    server.commit(0, rng.normal(size=server.dim))
+    server.commit(2, rng.normal(size=server.dim))
+    cands = rng.normal(size=(5, server.dim))
+    return server.score(1, cands)["loss"], cands
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_score_in_bf16_is_as_close_to_fp32_as_hf_in_bf16(arch):
     """`--dtype auto` runs bf16 on AMX/avx512_bf16 CPUs. There the server's losses must be
@@ -84,11 +93,7 @@ def test_score_in_bf16_is_as_close_to_fp32_as_hf_in_bf16(arch):
     the stock HF forward in bf16 is: measured 0.3x to 3.2x its error over the 14 families
     (AMX CPU), so within 5x of it (or 2%). A wrong stack entry or delta is far off."""
     server, splits = make_server(arch, ("q", "v"), dtype=torch.bfloat16)
-    rng = np.random.default_rng(0)
-    server.commit(0, rng.normal(size=server.dim))
-    server.commit(2, rng.normal(size=server.dim))
-    cands = rng.normal(size=(5, server.dim))
-    got = server.score(1, cands)["loss"]
+    got, cands = _scored_between_commits(server)
     state, train = server.get_state(), splits["train"]
     hf_bf16 = reference_losses(server, state, 1, cands, train)
     truth = reference_losses(server, state, 1, cands, train, dtype=torch.float32)
@@ -103,11 +108,7 @@ def test_score_in_bf16_mixed_is_as_close_to_fp32_as_hf_under_autocast(arch):
     5x, or 2%), and they are not fp32's: the matmuls did run in bf16."""
     server, splits = make_server(arch, ("v", "o"), autocast=torch.bfloat16)
     assert server.info()["dtype"] == "bfloat16-mixed"
-    rng = np.random.default_rng(0)
-    server.commit(0, rng.normal(size=server.dim))
-    server.commit(2, rng.normal(size=server.dim))
-    cands = rng.normal(size=(5, server.dim))
-    got = server.score(1, cands)["loss"]
+    got, cands = _scored_between_commits(server)
     state, train = server.get_state(), splits["train"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hf_mixed = reference_losses(server, state, 1, cands, train)
