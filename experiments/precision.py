@@ -10,7 +10,9 @@ z = 0) and scores it in each. Per layer, step s and dtype it reports the spread 
 population's train losses in fp32 and in the dtype, the rounding error of one candidate
 (loss minus fp32 loss: its std over the population) and how well the dtype's ranking
 agrees with fp32's (Spearman rho, and whether both pick the same best candidate: what
-`commit best` keeps). One JSON line per (layer, s, dtype).
+`commit best` keeps). One JSON line per (layer, s, dtype). With `--state RUN`, the same
+around a finished run's tuned state (its task and seed): the rounding where a search ends,
+not only at its start.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dfo_lora.config import load_config
+from dfo_lora.search.tuned import load_tuned
 from dfo_lora.server.factory import build_server
 
 
@@ -40,8 +43,18 @@ def main() -> None:
     parser.add_argument("--steps", default="0.2,0.02")
     parser.add_argument("--popsize", type=int, default=20)
     parser.add_argument("--dtypes", default="bf16", help="compared with fp32, comma-separated")
+    parser.add_argument(
+        "--state",
+        type=Path,
+        help="a finished run's folder: measure around its tuned state (the population at "
+        "a layer is its z plus s N(0, I), the other layers at theirs) on its task and seed",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    state = None
+    if args.state is not None:
+        state, run_config = load_tuned(args.state)
+        args.task, args.seed = run_config.task, run_config.seed
 
     layers = [int(x) for x in args.layers.split(",")]
     steps = [float(x) for x in args.steps.split(",")]
@@ -58,11 +71,13 @@ def main() -> None:
         if reference is None:
             reference = server.space
         server.space = reference
+        center = np.zeros((server.num_layers, server.dim)) if state is None else state
+        server.set_state(center)
         rng = np.random.default_rng(args.seed)  # the same candidates in both dtypes
         started = time.perf_counter()
         for layer in layers:
             for step in steps:
-                z = step * rng.standard_normal((args.popsize, server.dim))
+                z = center[layer] + step * rng.standard_normal((args.popsize, server.dim))
                 losses[f"{dtype}/{layer}/{step}"] = server.score(layer, z)["loss"]
         seconds[dtype] = time.perf_counter() - started
         del server
@@ -75,6 +90,7 @@ def main() -> None:
                 rows.append(
                     {
                         "space": "shared fp32 space",
+                        "state": str(args.state) if state is not None else "zero",
                         "task": args.task,
                         "seed": args.seed,
                         "dtype": dtype,
