@@ -464,3 +464,34 @@ def test_spaces_record_names_each_space_from_its_config(tmp_path, config, name):
     spaces = load_spaces_summarizer()
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert spaces.space_of(tmp_path) == name
+
+
+def test_trajectory_averages_without_steering_the_search(tiny_llama_dir, tmp_path, monkeypatch):
+    """experiments/trajectory.py --average-last scores the mean of the last K checks'
+    states at each check and puts the committed state back: the trace's own numbers equal
+    a trace without it, and the K = 1 average is the check's own state."""
+    trajectory = load_script("trajectory", ROOT / "experiments" / "trajectory.py")
+    common = ["--model", str(tiny_llama_dir), "--task", "sst2", "--test-limit", "20"]
+    common += ["--popsize", "4", "--budget", "36", "--eval-every", "12", "--intrinsic-dim", "8"]
+    common += ["--a-factor", "pca", "--targets", "v,o", "--commit", "mean"]
+    common += ["--optimizer", "esgrad", "--select", "final"]
+    rows = {}
+    for name, extra in (("plain", []), ("averaged", ["--average-last", "1,2"])):
+        out = tmp_path / f"{name}.jsonl"
+        argv = ["trajectory.py", str(out), *extra]
+        argv += ["--checkpoint", str(tmp_path / f"{name}.safetensors"), *common]
+        monkeypatch.setattr(sys, "argv", argv)
+        trajectory.main()
+        rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    plain, averaged = rows["plain"], rows["averaged"]
+    assert len(plain) == len(averaged) >= 3
+    for a, b in zip(plain, averaged, strict=True):
+        assert (a["evals"], a["train"], a["test"], a["z"]) == (
+            b["evals"],
+            b["train"],
+            b["test"],
+            b["z"],
+        )
+        assert b["average"]["1"]["test"] == b["test"]
+    last = averaged[-1]["average"]["2"]["test"]
+    assert last != averaged[-1]["test"]  # the mean of two states is another state
