@@ -47,6 +47,7 @@ GROUPS = {
         "layer_order",
         "commit",
         "select",
+        "average_last",
         "fit_on",
         "z_penalty",
         "elitist",
@@ -370,6 +371,8 @@ def summary(results: dict, out: Path) -> str:
     )
     if results.get("select") == "final":
         which = f"the last state, after {results['evaluations']} evaluations"
+    elif results.get("select") == "average":
+        which = f"the mean of the round-end states, {results['evaluations']} evaluations"
     else:
         which = (
             f"best dev after {results['best_dev_evals']} of {results['evaluations']} evaluations"

@@ -147,7 +147,14 @@ class TuneConfig:
     select: str = opt(
         "metric",
         "state tested at the end: metric (best dev metric, ties by dev loss: BBT's rule) | "
-        "loss (lowest dev loss) | final (the last state, no selection)",
+        "loss (lowest dev loss) | final (the last state, no selection) | average (the mean "
+        "of the states at the round ends, no selection: see average_last)",
+    )
+    average_last: int = opt(
+        0,
+        "select: average: the mean of the last N round-end states; 0 = all of them and the "
+        "start state (Polyak averaging of the search's path; for a delta linear in z, the "
+        "mean of the deltas)",
     )
     fit_on: str = opt(
         "train",
@@ -204,9 +211,12 @@ class TuneConfig:
         policy.check_commit(self)
         _check_choice("select", self.select, SELECTIONS)
         _check_choice("fit_on", self.fit_on, FIT_SPLITS)
-        if self.fit_on == "train+dev" and self.select != "final":
+        if not isinstance(self.average_last, int) or self.average_last < 0:
+            raise UserError(f"average_last: must be a whole number >= 0, got {self.average_last}")
+        if self.fit_on == "train+dev" and self.select not in ("final", "average"):
             raise UserError(
-                f"fit_on: train+dev fits the dev split, so select must be final (got {self.select!r})"
+                "fit_on: train+dev fits the dev split, so select must be final or average "
+                f"(got {self.select!r})"
             )
         if not (self.z_penalty >= 0 and math.isfinite(self.z_penalty)):
             raise UserError(f"z_penalty: must be a finite number >= 0, got {self.z_penalty}")

@@ -182,11 +182,20 @@ def _kill_mid_search(args, out: Path, min_lines: int) -> None:
         ["--optimizer", "cma"],
         ["--optimizer", "dynfwa"],
         ["--optimizer", "esgrad", "--commit", "mean"],
+        ["--optimizer", "esgrad", "--commit", "mean", "--select", "average", "--average-last", "5"],
         ["--optimizer", "hybrid", "--hybrid-mode", "round"],
         ["--elitist", "true", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
         ["--subspace-dim", "4", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
     ],
-    ids=["cma", "dynfwa", "esgrad", "hybrid-round", "elitist-mid-visit", "subspace-mid-visit"],
+    ids=[
+        "cma",
+        "dynfwa",
+        "esgrad",
+        "esgrad-average",
+        "hybrid-round",
+        "elitist-mid-visit",
+        "subspace-mid-visit",
+    ],
 )
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama_dir, tmp_path, optimizer):
     common = [
@@ -325,6 +334,34 @@ def test_select_loss_and_final(tiny_llama_dir, tmp_path):
     assert np.array_equal(last, np.asarray(state["z"]))  # the tested state is the final one
     server.set_state(last)
     assert final["tuned"]["test"]["accuracy"] == server.evaluate("test")["accuracy"]
+
+
+def test_select_average_tests_the_mean_of_the_round_end_states(tiny_llama_dir, tmp_path):
+    """select=average tests the mean of the start state and every round's end (or of the
+    last average_last of them) and leaves the search's path as select=final has it: the
+    round ends are read off runs of 1..4 rounds of the same search (its path does not
+    depend on the budget)."""
+    search = dict(optimizer="esgrad", commit="mean")
+    ends = []
+    for rounds in range(1, 5):
+        config = tiny_config(tiny_llama_dir, select="final", budget=6 * 3 * rounds, **search)
+        tune(config, tmp_path / f"r{rounds}", progress=False)
+        ends.append(np.asarray(load_file(str(tmp_path / f"r{rounds}" / "tuned.safetensors"))["z"]))
+    path = [np.zeros_like(ends[0]), *ends]
+    for last, want in ((0, np.mean(path, axis=0)), (2, np.mean(path[-2:], axis=0))):
+        out = tmp_path / f"average{last}"
+        config = tiny_config(tiny_llama_dir, select="average", average_last=last, **search)
+        result = tune(config, out, progress=False)
+        tested = np.asarray(load_file(str(out / "tuned.safetensors"))["z"])
+        assert np.allclose(tested, want, rtol=0, atol=1e-12)
+        state = load_state(out / "checkpoint" / "state.safetensors")
+        assert np.array_equal(np.asarray(state["z"]), ends[-1])  # the path is unchanged
+        server = build_server(config.server_spec())
+        server.set_state(tested)
+        assert result["tuned"]["test"]["accuracy"] == server.evaluate("test")["accuracy"]
+        assert result["select"] == "average"
+    with pytest.raises(UserError, match="average_last"):
+        tiny_config(tiny_llama_dir, average_last=-1)
 
 
 def test_z_penalty_steers_towards_small_z(tiny_llama_dir, tmp_path):

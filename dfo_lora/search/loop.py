@@ -64,7 +64,7 @@ class Position:
 
 def _better(metrics: dict, best: dict | None, metric: str, select: str = "metric") -> bool:
     """Whether a dev result replaces the kept one (`select`: see TuneConfig)."""
-    if best is None or select == "final":
+    if best is None or select in ("final", "average"):
         return True
     if select == "loss":
         return metrics["loss"] < best["loss"]
@@ -144,6 +144,7 @@ class LayerwiseSearch:
         self.next_dev = 0
         self.elapsed_before = 0.0
         self.log_lines = 0
+        self.round_states: list[np.ndarray] = []  # the start and every round's end (average)
 
     def _seed(self, layer: int, which: int) -> int:
         return self.config.seed * 100_003 + layer * 7 + which
@@ -173,6 +174,7 @@ class LayerwiseSearch:
             "next_dev": self.next_dev,
             "elapsed_s": self.elapsed_before + (time.perf_counter() - self._started),
             "log_lines": self.log_lines,
+            "round_states": list(self.round_states),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -191,6 +193,7 @@ class LayerwiseSearch:
         self.next_dev = state["next_dev"]
         self.elapsed_before = state["elapsed_s"]
         self.log_lines = state["log_lines"]
+        self.round_states = [np.asarray(z) for z in state.get("round_states", [])]
 
     # ------------------------------------------------------------------ run
     def _emit(self, hook: str, record: dict) -> None:
@@ -227,13 +230,25 @@ class LayerwiseSearch:
         for cb in self.callbacks:
             cb.on_start(self.total_evals, pos.evals)
         self._last_checkpoint = time.perf_counter()
+        if not self.round_states:
+            self.round_states.append(self.server.get_state())
         while pos.round < self.rounds:
             order = layer_order(config, self.layers, pos.round)
             while pos.visit < len(order):
                 self._visit(order[pos.visit])
             pos.round += 1
             pos.visit = 0
+            self.round_states.append(self.server.get_state())
+            if self.checkpoint:  # the round's end state is in every later checkpoint
+                self._save_checkpoint()
         return self._finish()
+
+    def averaged_state(self) -> np.ndarray:
+        """`select: average`: the mean of the last `average_last` round-end states (0: all,
+        the start state included)."""
+        last = self.config.average_last
+        states = self.round_states[-last:] if last else self.round_states
+        return np.mean(states, axis=0)
 
     def _visit(self, layer: int) -> None:
         """The rest of one layer's visit: its generations from `position`, then the commit,
@@ -349,8 +364,14 @@ class LayerwiseSearch:
 
     def _finish(self) -> dict:
         final_z = self.server.get_state()
-        if self.config.select == "final" and not np.array_equal(final_z, self.best_dev_z):
-            self.best_dev, self.best_dev_z = self.server.evaluate("dev"), final_z
+        kept = None  # a state chosen without dev: the last one, or the path's mean
+        if self.config.select == "final":
+            kept = final_z
+        elif self.config.select == "average":
+            kept = self.averaged_state()
+        if kept is not None and not np.array_equal(kept, self.best_dev_z):
+            self.server.set_state(kept)
+            self.best_dev, self.best_dev_z = self.server.evaluate("dev"), kept
             self.best_dev_evals = self.position.evals
         self.server.set_state(self.best_dev_z)
         test = self.server.evaluate("test")

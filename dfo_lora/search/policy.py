@@ -29,7 +29,7 @@ RUN_OPTIMIZERS: tuple[str, ...] = (*OPTIMIZERS, HYBRID)
 FWA_VARIANTS: tuple[str, ...] = FIREWORKS_NAMES
 LAYER_ORDERS = ("bottom_up", "top_down", "random")
 COMMITS = ("best", "mean")
-SELECTIONS = ("metric", "loss", "final")
+SELECTIONS = ("metric", "loss", "final", "average")
 HYBRID_MODES = ("layer", "round")
 
 
