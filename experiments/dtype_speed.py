@@ -22,15 +22,8 @@ import numpy as np
 import torch
 
 from dfo_lora.config import load_config
+from dfo_lora.search.run import hardware
 from dfo_lora.server.factory import build_server
-
-
-def cpu_flags() -> list[str]:
-    try:
-        words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return sorted(f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in words)
 
 
 def main() -> None:
@@ -73,7 +66,7 @@ def main() -> None:
                 "evals_per_s": evals / seconds[dtype],
                 "time_vs_first": seconds[dtype] / seconds[dtypes[0]],
                 "threads": torch.get_num_threads(),
-                "cpu_flags": cpu_flags(),
+                "cpu_flags": hardware()["cpu_flags"],
             }
         )
     with args.out.open("a") as f:

@@ -144,7 +144,7 @@ class LayerwiseSearch:
         self.next_dev = 0
         self.elapsed_before = 0.0
         self.log_lines = 0
-        self.round_states: list[np.ndarray] = []  # the start and every round's end (average)
+        self.round_states: list[np.ndarray] = []  # select average: the start, each round's end
 
     def _seed(self, layer: int, which: int) -> int:
         return self.config.seed * 100_003 + layer * 7 + which
@@ -230,7 +230,8 @@ class LayerwiseSearch:
         for cb in self.callbacks:
             cb.on_start(self.total_evals, pos.evals)
         self._last_checkpoint = time.perf_counter()
-        if not self.round_states:
+        averaging = config.select == "average"  # only then are the round ends kept
+        if averaging and not self.round_states:
             self.round_states.append(self.server.get_state())
         while pos.round < self.rounds:
             order = layer_order(config, self.layers, pos.round)
@@ -238,9 +239,10 @@ class LayerwiseSearch:
                 self._visit(order[pos.visit])
             pos.round += 1
             pos.visit = 0
-            self.round_states.append(self.server.get_state())
-            if self.checkpoint:  # the round's end state is in every later checkpoint
-                self._save_checkpoint()
+            # A resume from the round's last checkpoint (visit == len(order)) comes back
+            # here and appends the same state, so no checkpoint of its own is needed.
+            if averaging:
+                self.round_states.append(self.server.get_state())
         return self._finish()
 
     def averaged_state(self) -> np.ndarray:
