@@ -371,8 +371,15 @@ def summary(results: dict, out: Path) -> str:
     )
     if results.get("select") == "final":
         which = f"the last state, after {results['evaluations']} evaluations"
-    elif results.get("select") == "average":
+    elif results.get("select") == "average" or results.get("averaged"):
         which = f"the mean of the round-end states, {results['evaluations']} evaluations"
+        if results.get("averaged"):
+            which += ": the last state fitted train"
+    elif results.get("select") == "average_if_fit":
+        which = (
+            f"the last state, after {results['evaluations']} evaluations: train {metric} "
+            f"{results['train_fit'][metric]:.4f} < 1, not averaged"
+        )
     else:
         which = (
             f"best dev after {results['best_dev_evals']} of {results['evaluations']} evaluations"

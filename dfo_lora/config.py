@@ -27,6 +27,7 @@ from dfo_lora.search.policy import (  # noqa: F401 - parse_layers is re-exported
     HYBRID_MODES,
     LAYER_ORDERS,
     SELECTIONS,
+    WITHOUT_DEV,
     parse_layers,
 )
 from dfo_lora.server import LOSSES, ServerOptions
@@ -148,11 +149,14 @@ class TuneConfig:
         "metric",
         "state tested at the end: metric (best dev metric, ties by dev loss: BBT's rule) | "
         "loss (lowest dev loss) | final (the last state, no selection) | average (the mean "
-        "of the states at the round ends, no selection: see average_last)",
+        "of the states at the round ends, no selection: see average_last) | average_if_fit "
+        "(the mean where the last state gets every train example right, else the last state: "
+        "once the 32 examples are fitted, further rounds only overfit them)",
     )
     average_last: int = opt(
         0,
-        "select: average: the mean of the last N round-end states; 0 = all of them and the "
+        "select: average(_if_fit): the mean of the last N round-end states; 0 = all of them "
+        "and the "
         "start state (Polyak averaging of the search's path; for a delta linear in z, the "
         "mean of the deltas)",
     )
@@ -213,9 +217,9 @@ class TuneConfig:
         _check_choice("fit_on", self.fit_on, FIT_SPLITS)
         if not isinstance(self.average_last, int) or self.average_last < 0:
             raise UserError(f"average_last: must be a whole number >= 0, got {self.average_last}")
-        if self.fit_on == "train+dev" and self.select not in ("final", "average"):
+        if self.fit_on == "train+dev" and self.select not in WITHOUT_DEV:
             raise UserError(
-                "fit_on: train+dev fits the dev split, so select must be final or average "
+                "fit_on: train+dev fits the dev split, so select must be final or average(_if_fit) "
                 f"(got {self.select!r})"
             )
         if not (self.z_penalty >= 0 and math.isfinite(self.z_penalty)):

@@ -233,7 +233,8 @@ def test_tune_on_an_unknown_model_type_is_one_line_exit_2(tmp_path):
 
 
 def test_summary_says_which_state_was_tested(tmp_path):
-    """The tuned line names the rule: the dev-selected state, or the last one."""
+    """The tuned line names the rule: the dev-selected state, the last one or the mean of
+    the path (and for average_if_fit, why)."""
     from dfo_lora.cli import summary
 
     split = {"accuracy": 0.5, "loss": 0.7}
@@ -248,6 +249,13 @@ def test_summary_says_which_state_was_tested(tmp_path):
     assert "(best dev after 600 of 1200 evaluations" in summary(results, tmp_path)
     final = summary({**results, "select": "final"}, tmp_path)
     assert "(the last state, after 1200 evaluations, 3 s)" in final
+    average = summary({**results, "select": "average"}, tmp_path)
+    assert "(the mean of the round-end states, 1200 evaluations, 3 s)" in average
+    fit = {**results, "select": "average_if_fit", "train_fit": {"accuracy": 1.0, "loss": 0.1}}
+    averaged = summary({**fit, "averaged": True}, tmp_path)
+    assert "round-end states, 1200 evaluations: the last state fitted train, 3 s)" in averaged
+    kept = summary({**fit, "averaged": False, "train_fit": {"accuracy": 0.75}}, tmp_path)
+    assert "(the last state, after 1200 evaluations: train accuracy 0.7500 < 1" in kept
 
 
 def test_out_under_a_file_is_one_line(tmp_path, base_args):

@@ -181,8 +181,10 @@ def _kill_mid_search(args, out: Path, min_lines: int) -> None:
     [
         ["--optimizer", "cma"],
         ["--optimizer", "dynfwa"],
-        ["--optimizer", "esgrad", "--commit", "mean"],
-        ["--optimizer", "esgrad", "--commit", "mean", "--select", "average", "--average-last", "5"],
+        # A fixed: in the paper's space esgrad has no gradient at z = 0 and never moves
+        ["--optimizer", "esgrad", "--commit", "mean", "--a-factor", "pca"],
+        ["--optimizer", "esgrad", "--commit", "mean", "--a-factor", "pca"]
+        + ["--select", "average_if_fit", "--average-last", "5"],
         ["--optimizer", "hybrid", "--hybrid-mode", "round"],
         ["--elitist", "true", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
         ["--subspace-dim", "4", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
@@ -191,7 +193,7 @@ def _kill_mid_search(args, out: Path, min_lines: int) -> None:
         "cma",
         "dynfwa",
         "esgrad",
-        "esgrad-average",
+        "esgrad-average-if-fit",
         "hybrid-round",
         "elitist-mid-visit",
         "subspace-mid-visit",
@@ -231,12 +233,15 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama_dir, tmp_path,
     b = json.loads((killed / "results.json").read_text())
     for key in ("tuned", "zero_shot", "best_dev_evals", "evaluations"):
         assert a[key] == b[key], key
+    for key in ("train_fit", "averaged", "last_state"):  # average_if_fit's decision
+        assert a.get(key) == b.get(key), key
     za = load_file(str(whole / "tuned.safetensors"))["z"]
     zb = load_file(str(killed / "tuned.safetensors"))["z"]
     assert np.array_equal(za, zb)
     final_a = load_state(whole / "checkpoint" / "state.safetensors")
     final_b = load_state(killed / "checkpoint" / "state.safetensors")
     assert np.array_equal(final_a["z"], final_b["z"])
+    assert np.abs(final_a["z"]).max() > 0  # the search moved: the comparison is not of zeros
     strip = [
         {k: v for k, v in json.loads(x).items() if k != "time_s"}
         for x in (whole / "log.jsonl").read_text().splitlines()
@@ -340,14 +345,16 @@ def test_select_average_tests_the_mean_of_the_round_end_states(tiny_llama_dir, t
     """select=average tests the mean of the start state and every round's end (or of the
     last average_last of them) and leaves the search's path as select=final has it: the
     round ends are read off runs of 1..4 rounds of the same search (its path does not
-    depend on the budget)."""
-    search = dict(optimizer="esgrad", commit="mean")
+    depend on the budget). A is fixed (`a_factor: pca`) so that esgrad moves z from 0: in
+    the paper's space the delta A(z) B(z) has no gradient at z = 0."""
+    search = dict(optimizer="esgrad", commit="mean", a_factor="pca")
     ends = []
     for rounds in range(1, 5):
         config = tiny_config(tiny_llama_dir, select="final", budget=6 * 3 * rounds, **search)
         tune(config, tmp_path / f"r{rounds}", progress=False)
         ends.append(np.asarray(load_file(str(tmp_path / f"r{rounds}" / "tuned.safetensors"))["z"]))
     path = [np.zeros_like(ends[0]), *ends]
+    assert all(np.abs(end).max() > 0 for end in ends) and not np.array_equal(ends[-1], ends[-2])
     for last, want in ((0, np.mean(path, axis=0)), (2, np.mean(path[-2:], axis=0))):
         out = tmp_path / f"average{last}"
         config = tiny_config(tiny_llama_dir, select="average", average_last=last, **search)
@@ -439,3 +446,30 @@ def test_subspace_dim_is_checked_against_the_space():
         TuneConfig(intrinsic_dim=8, subspace_dim=9).validate()
     with pytest.raises(UserError, match="subspace_dim"):
         TuneConfig(subspace_dim=0).validate()
+
+
+@pytest.mark.parametrize("k, fits", [(2, True), (16, False)])
+def test_select_average_if_fit_averages_only_a_fitted_state(tiny_llama_dir, tmp_path, k, fits):
+    """select=average_if_fit tests the mean of the path (as select=average) when the last
+    state gets every train example right, and the last state itself when it does not; the
+    train split's metric that decided is in results.json. Two train examples are fitted,
+    thirty-two of a random tiny model are not."""
+    search = dict(optimizer="esgrad", commit="mean", a_factor="pca", k=k)
+    runs = {}
+    for select in ("final", "average", "average_if_fit"):
+        config = tiny_config(tiny_llama_dir, select=select, **search)
+        runs[select] = tune(config, tmp_path / select, progress=False)
+    tested = {s: load_file(str(tmp_path / s / "tuned.safetensors"))["z"] for s in runs}
+    result = runs["average_if_fit"]
+    server = build_server(config.server_spec())
+    server.set_state(np.asarray(tested["final"]))
+    assert result["train_fit"] == server.evaluate("train")
+    assert result["averaged"] is fits
+    assert (result["train_fit"]["accuracy"] == 1.0) is fits
+    assert not np.array_equal(tested["average"], tested["final"])  # the two choices differ
+    want = "average" if fits else "final"
+    assert np.array_equal(tested["average_if_fit"], tested[want])
+    assert result["tuned"]["test"] == runs[want]["tuned"]["test"]
+    # an averaged run also reports its last state's test, read after the choice
+    assert result.get("last_state") == ({"test": runs["final"]["tuned"]["test"]} if fits else None)
+    assert runs["average"]["last_state"] == {"test": runs["final"]["tuned"]["test"]}

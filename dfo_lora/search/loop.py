@@ -36,6 +36,8 @@ from dfo_lora.errors import UserError
 from dfo_lora.optim import make_optimizer, optimizer_from_state
 from dfo_lora.search.callbacks import Callback
 from dfo_lora.search.policy import (
+    AVERAGING,
+    WITHOUT_DEV,
     evals_per_visit,
     layer_order,
     optimizer_index,
@@ -64,7 +66,7 @@ class Position:
 
 def _better(metrics: dict, best: dict | None, metric: str, select: str = "metric") -> bool:
     """Whether a dev result replaces the kept one (`select`: see TuneConfig)."""
-    if best is None or select in ("final", "average"):
+    if best is None or select in WITHOUT_DEV:
         return True
     if select == "loss":
         return metrics["loss"] < best["loss"]
@@ -230,7 +232,7 @@ class LayerwiseSearch:
         for cb in self.callbacks:
             cb.on_start(self.total_evals, pos.evals)
         self._last_checkpoint = time.perf_counter()
-        averaging = config.select == "average"  # only then are the round ends kept
+        averaging = config.select in AVERAGING  # only then are the round ends kept
         if averaging and not self.round_states:
             self.round_states.append(self.server.get_state())
         while pos.round < self.rounds:
@@ -246,7 +248,7 @@ class LayerwiseSearch:
         return self._finish()
 
     def averaged_state(self) -> np.ndarray:
-        """`select: average`: the mean of the last `average_last` round-end states (0: all,
+        """`select: average(_if_fit)`: the mean of the last `average_last` round-end states (0: all,
         the start state included)."""
         last = self.config.average_last
         states = self.round_states[-last:] if last else self.round_states
@@ -366,23 +368,33 @@ class LayerwiseSearch:
 
     def _finish(self) -> dict:
         final_z = self.server.get_state()
-        kept = None  # a state chosen without dev: the last one, or the path's mean
+        kept, extra = None, {}  # a state chosen without dev: the last one, or the path's mean
         if self.config.select == "final":
             kept = final_z
         elif self.config.select == "average":
             kept = self.averaged_state()
+        elif self.config.select == "average_if_fit":
+            train = self.server.evaluate("train")  # one forward of the train split
+            fitted = train[self.metric] >= 1.0 - 1e-9  # every example right
+            kept = self.averaged_state() if fitted else final_z
+            extra = {"train_fit": train, "averaged": bool(fitted)}
         if kept is not None and not np.array_equal(kept, self.best_dev_z):
             self.server.set_state(kept)
             self.best_dev, self.best_dev_z = self.server.evaluate("dev"), kept
             self.best_dev_evals = self.position.evals
         self.server.set_state(self.best_dev_z)
         test = self.server.evaluate("test")
+        if self.config.select in AVERAGING and not np.array_equal(kept, final_z):
+            # what averaging bought, read after the choice (never part of it)
+            self.server.set_state(final_z)
+            extra["last_state"] = {"test": self.server.evaluate("test")}
         self.server.set_state(final_z)
         results = {
             "tuned": {"dev": self.best_dev, "test": test},
             "zero_shot": self.zero_shot,
             "best_dev_evals": self.best_dev_evals,
             "select": self.config.select,
+            **extra,
             "evaluations": self.position.evals,
             "rounds": self.rounds,
             "wall_time_s": self.elapsed_before + time.perf_counter() - self._started,

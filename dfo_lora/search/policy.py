@@ -29,7 +29,9 @@ RUN_OPTIMIZERS: tuple[str, ...] = (*OPTIMIZERS, HYBRID)
 FWA_VARIANTS: tuple[str, ...] = FIREWORKS_NAMES
 LAYER_ORDERS = ("bottom_up", "top_down", "random")
 COMMITS = ("best", "mean")
-SELECTIONS = ("metric", "loss", "final", "average")
+SELECTIONS = ("metric", "loss", "final", "average", "average_if_fit")
+AVERAGING = ("average", "average_if_fit")  # the selections that keep the round-end states
+WITHOUT_DEV = ("final", *AVERAGING)  # the selections that never look at dev
 HYBRID_MODES = ("layer", "round")
 
 
