@@ -37,8 +37,8 @@ def test_quality_sweep_runs_the_recommended_search():
     assert {k: sweep["config"][k] for k in recommended} == recommended
     assert recommended["optimizer"] in sweep["grid"]["method"]
     assert "recommended.yaml" in (ROOT / "Makefile").read_text()  # make demo uses it
-    # The sweep that measured it (rows esgrad/1800): its grid's optimizer and its config.
-    lever = yaml.safe_load((ROOT / "experiments/quality/levers/esgrad.yaml").read_text())
+    # The sweep that measures it (rows esgrad/fitavg-1800): its grid's optimizer and config.
+    lever = yaml.safe_load((ROOT / "experiments/quality/levers/esgrad-fitavg.yaml").read_text())
     values = {**lever["config"], "optimizer": lever["grid"]["optimizer"][0]}
     assert {k: values.get(k) for k in recommended} == recommended
 
