@@ -369,17 +369,18 @@ def summary(results: dict, out: Path) -> str:
     lines.append(
         f"{name}: dev {metric} {zs['dev'][metric]:.4f}  test {metric} {zs['test'][metric]:.4f}"
     )
-    if results.get("select") == "final":
-        which = f"the last state, after {results['evaluations']} evaluations"
-    elif results.get("select") == "average" or results.get("averaged"):
-        which = f"the mean of the round-end states, {results['evaluations']} evaluations"
-        if results.get("averaged"):
+    select, evals = results.get("select"), results["evaluations"]
+    if select == "average" or results.get("averaged"):
+        which = f"the mean of the round-end states, {evals} evaluations"
+        if select == "average_if_fit":
             which += ": the last state fitted train"
-    elif results.get("select") == "average_if_fit":
+    elif select == "average_if_fit":
+        fit = results["train_fit"][metric]
         which = (
-            f"the last state, after {results['evaluations']} evaluations: train {metric} "
-            f"{results['train_fit'][metric]:.4f} < 1, not averaged"
+            f"the last state, after {evals} evaluations: train {metric} {fit:.4f} < 1, not averaged"
         )
+    elif select == "final":
+        which = f"the last state, after {evals} evaluations"
     else:
         which = (
             f"best dev after {results['best_dev_evals']} of {results['evaluations']} evaluations"

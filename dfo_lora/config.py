@@ -156,9 +156,8 @@ class TuneConfig:
     average_last: int = opt(
         0,
         "select: average(_if_fit): the mean of the last N round-end states; 0 = all of them "
-        "and the "
-        "start state (Polyak averaging of the search's path; for a delta linear in z, the "
-        "mean of the deltas)",
+        "and the start state (Polyak averaging of the search's path; for a delta linear in "
+        "z, the mean of the deltas)",
     )
     fit_on: str = opt(
         "train",

@@ -19,6 +19,7 @@ between the committed state and the mean from the train fit alone can be read of
 """
 
 import argparse
+import functools
 import json
 import re
 from pathlib import Path
@@ -31,12 +32,15 @@ CONFIG = "experiments/configs/recommended.yaml"
 NAME = re.compile(r"(?P<task>[a-z0-9]+)-esgrad-avg-s(?P<seed>\d+)-")
 
 
+@functools.cache
+def ceilings() -> dict[tuple[str, int], float]:
+    """Gradient LoRA's test per (task, seed), read once from results.jsonl."""
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+    return {(r["task"], r["seed"]): r["test"] for r in rows if r["method"] == "gradient-lora"}
+
+
 def ceiling(task: str, seed: int) -> float | None:
-    for line in RESULTS.read_text().splitlines():
-        r = json.loads(line)
-        if (r["method"], r["task"], r["seed"]) == ("gradient-lora", task, seed):
-            return r["test"]
-    return None
+    return ceilings().get((task, seed))
 
 
 def train_fit(cache: Path, key: str, task: str, seed: int, z: np.ndarray) -> dict:
