@@ -19,7 +19,11 @@ or `joint` (every layer steps at once from one gradient), or `adam` (torch's Ada
 with weight decay 0 on the whole z, lr per coordinate: the reference path of
 `subspace_trajectory.py`, here with each layer's ||z|| logged). `--normalize`: `layer` (each
 layer's step has length lr, esgrad's rule), `global` (the whole step has length
-lr * sqrt(layers), so the layers move lr on average), `none` (plain gradient times lr).
+lr * sqrt(layers), so the layers move lr on average), `none` (plain gradient times lr),
+and two per-coordinate directions, each scaled to length lr per layer so that only the
+direction within a layer differs from esgrad's: `sign` (the sign of each coordinate's
+gradient) and `adam` (Adam's m / (sqrt(v) + 1e-12) with betas 0.9 / 0.999 and bias
+correction, moments kept per layer across its visits; its first visit is `sign`).
 Test is scored after each round (layerwise) or every `--eval-every` steps (joint); one
 JSON line per check with train CE, dev and test (for this diagnosis only) and ||z||.
 """
@@ -62,8 +66,28 @@ def layer_gradient(server, z: torch.Tensor, layer: int) -> tuple[np.ndarray, flo
     return row.grad[0].detach().numpy().astype(np.float64), float(loss.detach())
 
 
+class Moments:
+    """Adam's first and second moments of each layer's gradient, over its visits."""
+
+    def __init__(self, shape: tuple[int, int], betas: tuple[float, float] = (0.9, 0.999)):
+        self.m, self.v = np.zeros(shape), np.zeros(shape)
+        self.visits = np.zeros(shape[0], dtype=int)
+        self.betas = betas
+
+    def direction(self, rows: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """m_hat / sqrt(v_hat) of `rows` after adding their gradients `g`."""
+        b1, b2 = self.betas
+        self.visits[rows] += 1
+        self.m[rows] = b1 * self.m[rows] + (1 - b1) * g
+        self.v[rows] = b2 * self.v[rows] + (1 - b2) * g * g
+        t = self.visits[rows][:, None]
+        return (self.m[rows] / (1 - b1**t)) / (np.sqrt(self.v[rows] / (1 - b2**t)) + 1e-12)
+
+
 def step(g: np.ndarray, lr: float, normalize: str) -> np.ndarray:
     """The move of the rows of g (one layer, or all) under the rule."""
+    if normalize == "sign":
+        g = np.sign(g)
     if normalize == "none":
         return lr * g
     if normalize == "global":
@@ -80,7 +104,9 @@ def main() -> None:
     parser.add_argument("--task", default="trec")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--rule", choices=("layerwise", "joint", "adam"), default="layerwise")
-    parser.add_argument("--normalize", choices=("layer", "global", "none"), default="layer")
+    parser.add_argument(
+        "--normalize", choices=("layer", "global", "none", "sign", "adam"), default="layer"
+    )
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--rounds", type=int, default=3, help="layerwise rounds or joint steps")
     parser.add_argument("--order", choices=("bottom_up", "top_down", "random"), default="bottom_up")
@@ -126,6 +152,13 @@ def main() -> None:
 
     check(0, None)
     layers = list(range(server.num_layers))
+    moments = Moments(z.shape)
+
+    def move(rows: np.ndarray, g: np.ndarray) -> np.ndarray:
+        if args.normalize == "adam":
+            return step(moments.direction(rows, g), args.lr, "layer")
+        return step(g, args.lr, args.normalize)
+
     if args.rule == "adam":
         adam = torch.zeros(z.shape, dtype=torch.float32, requires_grad=True)
         adam_opt = torch.optim.AdamW([adam], lr=args.lr, weight_decay=0.0)
@@ -137,12 +170,12 @@ def main() -> None:
             z = adam.detach().double().numpy().copy()
         elif args.rule == "joint":
             g, loss = gradient(server, torch.tensor(z, dtype=torch.float32))
-            z -= step(g, args.lr, args.normalize)
+            z -= move(np.arange(server.num_layers), g)
         else:
             order = {"bottom_up": layers, "top_down": layers[::-1]}.get(args.order)
             for layer in order if order is not None else rng.permutation(layers):
                 g, loss = layer_gradient(server, torch.tensor(z, dtype=torch.float32), layer)
-                z[layer] -= step(g[None], args.lr, args.normalize)[0]
+                z[layer] -= move(np.array([layer]), g[None])[0]
         if count % args.eval_every == 0 or count == args.rounds:
             check(count, loss)
 
