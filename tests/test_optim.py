@@ -518,6 +518,58 @@ def test_esgrad_reference_dim_scales_the_step_with_the_space():
     assert np.array_equal(plain.mean, opt.mean)
 
 
+def test_esgrad_sign_and_adam_directions():
+    """sign: each coordinate moves lr / sqrt(d) against its gradient's sign. adam: the first
+    step is sign's; the second follows Adam's bias-corrected moments of both estimates
+    (exact here: 10 pairs in d = 8 on a quadratic), scaled to length lr."""
+    f, a, b = _quadratic(8, 4)
+    lr = 0.3
+    sign = make_optimizer("esgrad", 8, 20, 0.2, 1, lr=lr, direction="sign")
+    adam = make_optimizer("esgrad", 8, 20, 0.2, 1, lr=lr, direction="adam")
+    for opt in (sign, adam):
+        z = opt.ask()
+        opt.tell(z, f(z))
+        assert np.allclose(opt.mean, -lr * np.sign(b) / np.sqrt(8), rtol=0, atol=1e-9)
+    g1, m1 = b, adam.mean
+    g2 = a @ m1 + b
+    first = (0.9 * 0.1 * g1 + 0.1 * g2) / (1 - 0.9**2)
+    second = (0.999 * 0.001 * g1**2 + 0.001 * g2**2) / (1 - 0.999**2)
+    s = first / np.sqrt(second)
+    z = adam.ask()
+    adam.tell(z, f(z))
+    assert np.allclose(adam.mean, m1 - lr * s / np.linalg.norm(s), rtol=0, atol=1e-9)
+    assert not np.allclose(adam.mean - m1, -lr * np.sign(g2) / np.sqrt(8), atol=1e-3)
+
+
+@pytest.mark.parametrize("pending", [False, True], ids=["after_tell", "after_ask"])
+def test_esgrad_adam_state_roundtrip_continues_bitwise(pending):
+    """The moments and their step count are state: a checkpointed adam esgrad continues
+    bit for bit, as the generic roundtrip checks for every optimizer's defaults."""
+    objective = make_problem("ellipsoid", 24, seed=2)
+    reference = make_optimizer("esgrad", 24, POPSIZE, 0.5, 3, direction="adam", lr=0.3)
+    resumed_from = make_optimizer("esgrad", 24, POPSIZE, 0.5, 3, direction="adam", lr=0.3)
+    run(reference, objective, 5)
+    run(resumed_from, objective, 5)
+    if pending:
+        reference.ask()
+        resumed_from.ask()
+    state = checkpoint_roundtrip(resumed_from.state_dict())
+    assert state["adam_steps"] == 5 and state["moments"].shape == (2, 24)
+    restored = optimizer_from_state(state)
+    for _ in range(10):
+        z_ref, z_res = reference.ask(), restored.ask()
+        assert np.array_equal(z_ref, z_res)
+        reference.tell(z_ref, objective(z_ref))
+        restored.tell(z_res, objective(z_res))
+        assert np.array_equal(reference.mean, restored.mean)
+    broken = dict(reference.state_dict(), adam_steps=-1)
+    with pytest.raises(UserError, match="adam_steps -1 is not a whole number"):
+        optimizer_from_state(broken)
+    missing = {k: v for k, v in reference.state_dict().items() if k != "moments"}
+    with pytest.raises(UserError, match="missing field 'moments'"):
+        optimizer_from_state(missing)
+
+
 @pytest.mark.parametrize(
     "options, popsize, message",
     [
@@ -527,6 +579,7 @@ def test_esgrad_reference_dim_scales_the_step_with_the_space():
         ({"momentum": 0.9}, 20, "esgrad.momentum: unknown option"),
         ({"reference_dim": 0}, 20, "esgrad.reference_dim: 0 is not a whole number >= 1"),
         ({"reference_dim": 2.5}, 20, "esgrad.reference_dim: 2.5 is not a whole number"),
+        ({"direction": "newton"}, 20, "esgrad.direction: 'newton' is not one of gradient, "),
     ],
 )
 def test_esgrad_bad_options(options, popsize, message):

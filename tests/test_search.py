@@ -185,6 +185,8 @@ def _kill_mid_search(args, out: Path, min_lines: int) -> None:
         ["--optimizer", "esgrad", "--commit", "mean", "--a-factor", "pca"],
         ["--optimizer", "esgrad", "--commit", "mean", "--a-factor", "pca"]
         + ["--select", "average_if_fit", "--average-last", "5"],
+        ["--optimizer", "esgrad", "--commit", "mean", "--a-factor", "pca"]
+        + ["--optimizer-options", "direction=adam"],
         ["--optimizer", "hybrid", "--hybrid-mode", "round"],
         ["--elitist", "true", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
         ["--subspace-dim", "4", "--generations-per-visit", "2", "--checkpoint-every-s", "0.01"],
@@ -194,6 +196,7 @@ def _kill_mid_search(args, out: Path, min_lines: int) -> None:
         "dynfwa",
         "esgrad",
         "esgrad-average-if-fit",
+        "esgrad-adam",
         "hybrid-round",
         "elitist-mid-visit",
         "subspace-mid-visit",

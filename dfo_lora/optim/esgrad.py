@@ -15,8 +15,11 @@ Each generation, with m the current point and n = popsize / 2:
     Delta_i  = (f(m + sigma u_i) - f(m - sigma u_i)) / (2 sigma)   ~ u_i . grad f(m)
     g        = the least-squares solution of U g = Delta (minimum norm when n < dim: the
                gradient's projection on the directions; exact for a quadratic when n >= dim)
-    m       <- m - lr * g / |g|   (normalize, the default: a step of length lr)
-               m - lr * g          (normalize false: plain SGD)
+    m       <- m - lr * s / |s|   (normalize, the default: a step of length lr)
+               m - lr * s          (normalize false: plain SGD, or Adam with adam)
+    s        = g (direction gradient, the default), sign(g) (sign), or Adam's
+               m_hat / (sqrt(v_hat) + 1e-12) of the estimates so far (adam: betas 0.9 and
+               0.999, bias-corrected; its first step is sign(g))
 
 Pairs with a non-finite loss are left out of the estimate; with none left, m stays.
 `mean` is m after the last step, which is what the loop must commit (`commit: mean`;
@@ -26,14 +29,19 @@ m, not a step). `best` is the best probe ever scored, as for every optimizer.
 Options:
   lr             step length (normalize) or learning rate           [sigma]
   normalize      true: steps of length lr; false: lr * g             [true]
+  direction      gradient | sign | adam: the step's direction (s)    [gradient]
+                 given the estimate. Per-coordinate scaling (adam)
+                 reached AdamW's test where the gradient's own
+                 direction fell short, in exact-gradient replays
+                 (experiments/step_oracle.py --normalize adam)
   reference_dim  lr is the step at this d; at the optimizer's d the   [none]
                  step is lr * sqrt(d / reference_dim). The projected
                  spaces' maps have a std falling as 1 / sqrt(d), so a
                  step of length lr moves the weights as far at every d
                  (a space whose d grows with the task, `class_dim`)
 
-Randomness: the optimizer's own PCG64 generator; the state is m and that generator, so
-`load_state_dict()` continues bit for bit.
+Randomness: the optimizer's own PCG64 generator; the state is m, that generator and (adam)
+the moments and their step count, so `load_state_dict()` continues bit for bit.
 """
 
 from __future__ import annotations
@@ -53,6 +61,9 @@ from dfo_lora.optim.base import (
     rng_state_dict,
 )
 from dfo_lora.optim.registry import OPTIMIZERS
+
+DIRECTIONS = ("gradient", "sign", "adam")
+BETAS = (0.9, 0.999)  # Adam's defaults
 
 
 def orthonormal_directions(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
@@ -83,6 +94,11 @@ class GradientStep(Optimizer):
         if not isinstance(normalize, bool):
             raise UserError(f"{name}.normalize: {normalize!r} is not true or false")
         self.normalize = normalize
+        self.direction = self.options.get("direction", "gradient")
+        if self.direction not in DIRECTIONS:
+            raise UserError(
+                f"{name}.direction: {self.direction!r} is not one of {', '.join(DIRECTIONS)}"
+            )
         reference = self.options.get("reference_dim")
         if reference is not None:
             if isinstance(reference, bool) or not isinstance(reference, int) or reference < 1:
@@ -90,6 +106,8 @@ class GradientStep(Optimizer):
             self.lr *= math.sqrt(self.dim / reference)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._m = np.zeros(self.dim)
+        self._moments = np.zeros((2, self.dim))  # adam: first and second moments of g
+        self._steps = 0  # adam: estimates folded into the moments
 
     def _ask(self) -> np.ndarray:
         with _blas.single_thread():
@@ -107,25 +125,48 @@ class GradientStep(Optimizer):
         delta = (plus[ok] - minus[ok]) / (2.0 * self.sigma)
         with _blas.single_thread():
             g = np.linalg.lstsq(directions[ok], delta, rcond=None)[0]
-        norm = float(np.linalg.norm(g))
+        s = self._step_direction(g)
+        norm = float(np.linalg.norm(s))
         if self.normalize:
             if norm > 0:
-                self._m = self._m - (self.lr / norm) * g
+                self._m = self._m - (self.lr / norm) * s
         else:
-            self._m = self._m - self.lr * g
+            self._m = self._m - self.lr * s
+
+    def _step_direction(self, g: np.ndarray) -> np.ndarray:
+        if self.direction == "sign":
+            return np.sign(g)
+        if self.direction == "gradient":
+            return g
+        b1, b2 = BETAS
+        self._steps += 1
+        self._moments = np.stack(
+            [b1 * self._moments[0] + (1 - b1) * g, b2 * self._moments[1] + (1 - b2) * g * g]
+        )
+        first = self._moments[0] / (1 - b1**self._steps)
+        second = self._moments[1] / (1 - b2**self._steps)
+        return first / (np.sqrt(second) + 1e-12)
 
     @property
     def mean(self) -> np.ndarray:
         return self._m.copy()
 
     def _state(self) -> dict:
-        return {**rng_state_dict(self._rng), "point": self._m.copy()}
+        state = {**rng_state_dict(self._rng), "point": self._m.copy()}
+        if self.direction == "adam":
+            state |= {"moments": self._moments.copy(), "adam_steps": self._steps}
+        return state
 
     def _load_state(self, state: dict, *, generation: int, pending: np.ndarray | None) -> None:
         where = f"{self.name} optimizer state"
         try:
             rng = rng_from_state(state)
             point = np.array(state["point"], dtype=np.float64).reshape(self.dim)
+            if self.direction == "adam":
+                moments = np.array(state["moments"], dtype=np.float64).reshape(2, self.dim)
+                steps = state["adam_steps"]
+                if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                    raise ValueError(f"adam_steps {steps!r} is not a whole number >= 0")
         except KeyError as exc:
             raise UserError(f"{where}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
@@ -133,3 +174,7 @@ class GradientStep(Optimizer):
         if not np.all(np.isfinite(point)):
             raise UserError(f"{where}: point is not finite")
         self._rng, self._m = rng, point
+        if self.direction == "adam":
+            if not np.all(np.isfinite(moments)) or (moments[1] < 0).any():
+                raise UserError(f"{where}: moments are not finite or a second moment is < 0")
+            self._moments, self._steps = moments, steps

@@ -92,9 +92,10 @@ _ENTRIES = (
         "esgrad",
         "gradient",
         "dfo_lora.optim.esgrad:GradientStep",
-        ("lr", "normalize", "reference_dim"),
+        ("lr", "normalize", "direction", "reference_dim"),
         "antithetic least-squares gradient estimate, one step of length lr per generation "
-        "(lr * sqrt(d / reference_dim) with reference_dim; needs commit: mean)",
+        "(lr * sqrt(d / reference_dim) with reference_dim) along the estimate, its sign or "
+        "Adam's scaled moments (direction); needs commit: mean",
         commits_best=False,
     ),
 )
