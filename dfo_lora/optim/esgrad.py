@@ -30,10 +30,12 @@ Options:
   lr             step length (normalize) or learning rate           [sigma]
   normalize      true: steps of length lr; false: lr * g             [true]
   direction      gradient | sign | adam: the step's direction (s)    [gradient]
-                 given the estimate. Per-coordinate scaling (adam)
-                 reached AdamW's test where the gradient's own
-                 direction fell short, in exact-gradient replays
-                 (experiments/step_oracle.py --normalize adam)
+                 given the estimate. In exact-gradient replays on
+                 trec (experiments/step_oracle.py --normalize adam)
+                 adam matched AdamW on the one seed of three where
+                 the gradient's direction fell short, and fitted
+                 slower on the others: no gain on average at the
+                 recommended budget, so not the default
   reference_dim  lr is the step at this d; at the optimizer's d the   [none]
                  step is lr * sqrt(d / reference_dim). The projected
                  spaces' maps have a std falling as 1 / sqrt(d), so a
