@@ -43,6 +43,7 @@ from dfo_lora.baselines.common import train_loss
 from dfo_lora.baselines.run import prepare_context
 from dfo_lora.baselines.subspace_gradient import install
 from dfo_lora.config import load_config
+from dfo_lora.optim.esgrad import adam_direction
 
 
 def gradient(server, z: torch.Tensor) -> tuple[np.ndarray, float]:
@@ -67,21 +68,18 @@ def layer_gradient(server, z: torch.Tensor, layer: int) -> tuple[np.ndarray, flo
 
 
 class Moments:
-    """Adam's first and second moments of each layer's gradient, over its visits."""
+    """Adam's moments of each layer's gradient over its visits (esgrad's `adam_direction`)."""
 
-    def __init__(self, shape: tuple[int, int], betas: tuple[float, float] = (0.9, 0.999)):
-        self.m, self.v = np.zeros(shape), np.zeros(shape)
+    def __init__(self, shape: tuple[int, int]):
+        self.moments = np.zeros((2, *shape))
         self.visits = np.zeros(shape[0], dtype=int)
-        self.betas = betas
 
     def direction(self, rows: np.ndarray, g: np.ndarray) -> np.ndarray:
         """m_hat / sqrt(v_hat) of `rows` after adding their gradients `g`."""
-        b1, b2 = self.betas
         self.visits[rows] += 1
-        self.m[rows] = b1 * self.m[rows] + (1 - b1) * g
-        self.v[rows] = b2 * self.v[rows] + (1 - b2) * g * g
-        t = self.visits[rows][:, None]
-        return (self.m[rows] / (1 - b1**t)) / (np.sqrt(self.v[rows] / (1 - b2**t)) + 1e-12)
+        steps = self.visits[rows][:, None]
+        self.moments[:, rows], direction = adam_direction(self.moments[:, rows], steps, g)
+        return direction
 
 
 def step(g: np.ndarray, lr: float, normalize: str) -> np.ndarray:

@@ -146,13 +146,19 @@ def test_same_seed_same_run_different_seed_different_run(name):
     assert not np.array_equal(a[-1], c[-1])
 
 
+# every optimizer with its defaults, and the options that add state of their own
+STATEFUL = [(name, {}) for name in NAMES] + [("esgrad", {"direction": "adam"})]
+
+
 @pytest.mark.parametrize("pending", [False, True], ids=["after_tell", "after_ask"])
-@pytest.mark.parametrize("name", NAMES)
-def test_state_dict_roundtrip_continues_bitwise(name, pending):
+@pytest.mark.parametrize(
+    "name, options", STATEFUL, ids=[n + "".join(f"-{v}" for v in o.values()) for n, o in STATEFUL]
+)
+def test_state_dict_roundtrip_continues_bitwise(name, options, pending):
     dim = 60
     objective = make_problem("ellipsoid", dim, seed=2)
-    reference = make_optimizer(name, dim, POPSIZE, 1.0, 11)
-    resumed_from = make_optimizer(name, dim, POPSIZE, 1.0, 11)
+    reference = make_optimizer(name, dim, POPSIZE, 1.0, 11, **options)
+    resumed_from = make_optimizer(name, dim, POPSIZE, 1.0, 11, **options)
     run(reference, objective, 7)
     run(resumed_from, objective, 7)
     if pending:
@@ -176,7 +182,7 @@ def test_state_dict_roundtrip_continues_bitwise(name, pending):
     assert np.array_equal(reference.best[0], restored.best[0])
 
     # the same through load_state_dict on a freshly built optimizer
-    fresh = make_optimizer(name, dim, POPSIZE, 1.0, 11)
+    fresh = make_optimizer(name, dim, POPSIZE, 1.0, 11, **options)
     fresh.load_state_dict(reference.state_dict())
     z = reference.ask()
     assert np.array_equal(fresh.ask(), z)
@@ -541,27 +547,15 @@ def test_esgrad_sign_and_adam_directions():
     assert not np.allclose(adam.mean - m1, -lr * np.sign(g2) / np.sqrt(8), atol=1e-3)
 
 
-@pytest.mark.parametrize("pending", [False, True], ids=["after_tell", "after_ask"])
-def test_esgrad_adam_state_roundtrip_continues_bitwise(pending):
-    """The moments and their step count are state: a checkpointed adam esgrad continues
-    bit for bit, as the generic roundtrip checks for every optimizer's defaults."""
+def test_esgrad_adam_state_holds_the_moments():
+    """The moments and their step count are state (the bitwise roundtrip is
+    test_state_dict_roundtrip_continues_bitwise's esgrad-adam case); a bad one is refused."""
     objective = make_problem("ellipsoid", 24, seed=2)
     reference = make_optimizer("esgrad", 24, POPSIZE, 0.5, 3, direction="adam", lr=0.3)
-    resumed_from = make_optimizer("esgrad", 24, POPSIZE, 0.5, 3, direction="adam", lr=0.3)
     run(reference, objective, 5)
-    run(resumed_from, objective, 5)
-    if pending:
-        reference.ask()
-        resumed_from.ask()
-    state = checkpoint_roundtrip(resumed_from.state_dict())
+    state = checkpoint_roundtrip(reference.state_dict())
     assert state["adam_steps"] == 5 and state["moments"].shape == (2, 24)
-    restored = optimizer_from_state(state)
-    for _ in range(10):
-        z_ref, z_res = reference.ask(), restored.ask()
-        assert np.array_equal(z_ref, z_res)
-        reference.tell(z_ref, objective(z_ref))
-        restored.tell(z_res, objective(z_res))
-        assert np.array_equal(reference.mean, restored.mean)
+    assert np.abs(state["moments"]).min() > 0  # every coordinate has seen gradients
     broken = dict(reference.state_dict(), adam_steps=-1)
     with pytest.raises(UserError, match="adam_steps -1 is not a whole number"):
         optimizer_from_state(broken)

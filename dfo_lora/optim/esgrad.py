@@ -68,6 +68,17 @@ DIRECTIONS = ("gradient", "sign", "adam")
 BETAS = (0.9, 0.999)  # Adam's defaults
 
 
+def adam_direction(moments: np.ndarray, steps, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Adam's first and second moments (stacked, shape (2, *g.shape)) after folding in g,
+    and the direction m_hat / (sqrt(v_hat) + 1e-12); `steps` counts the estimates with g
+    (an int, or an array that broadcasts against g: one count per row)."""
+    b1, b2 = BETAS
+    moments = np.stack([b1 * moments[0] + (1 - b1) * g, b2 * moments[1] + (1 - b2) * g * g])
+    first = moments[0] / (1 - b1**steps)
+    second = moments[1] / (1 - b2**steps)
+    return moments, first / (np.sqrt(second) + 1e-12)
+
+
 def orthonormal_directions(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
     """(count, dim) directions of length sqrt(dim), orthogonal within blocks of dim rows."""
     blocks = []
@@ -140,14 +151,9 @@ class GradientStep(Optimizer):
             return np.sign(g)
         if self.direction == "gradient":
             return g
-        b1, b2 = BETAS
         self._steps += 1
-        self._moments = np.stack(
-            [b1 * self._moments[0] + (1 - b1) * g, b2 * self._moments[1] + (1 - b2) * g * g]
-        )
-        first = self._moments[0] / (1 - b1**self._steps)
-        second = self._moments[1] / (1 - b2**self._steps)
-        return first / (np.sqrt(second) + 1e-12)
+        self._moments, direction = adam_direction(self._moments, self._steps, g)
+        return direction
 
     @property
     def mean(self) -> np.ndarray:
