@@ -23,8 +23,9 @@ that its own finished groups still hold.
 
 Each run writes the usual output folder (`<out>/<key>=<value>__...`); `sweep.jsonl`
 (one line per run, in grid order) is rewritten after every run. A re-run skips runs
-whose results.json exists, resumes runs that left a checkpoint with the same config,
-and starts the others afresh. `backend: local` in `config` runs the grid one run at a
+whose results.json exists, resumes runs that left a checkpoint with the same config
+(tuning runs, and the baselines that checkpoint: mezo-lora, mezo), and starts the others
+afresh. `backend: local` in `config` runs the grid one run at a
 time in this process instead; with `concurrency: N` (N > 1) it runs N at a time, each in
 its own process with OMP_NUM_THREADS torch threads where that is set, else an equal
 share of the CPUs (the thread count can change bf16 rounding, so a sweep that is to
@@ -456,8 +457,25 @@ def _run_sweep(sweep: Sweep, echo) -> dict:
 
 
 def _resumes(run: SweepRun) -> bool:
-    """A tuning run that left a checkpoint of the same config continues (baselines restart)."""
-    return run.baseline is None and _resumable(run)
+    """A run that left a checkpoint of the same config continues: a tuning run, or a
+    baseline whose method checkpoints (mezo-lora, mezo) with the same options; the other
+    baselines restart."""
+    if run.baseline is None:
+        return _resumable(run)
+    from dfo_lora.baselines.registry import get_method
+
+    method = get_method(run.baseline)
+    if not (method.resumable and _resumable(run)):
+        return False
+    try:
+        saved = yaml.safe_load((run.out / "baseline.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return (
+        isinstance(saved, dict)
+        and saved.get("method") == method.name
+        and saved.get("options") == json.loads(json.dumps(method.resolve(run.options)))
+    )
 
 
 def _attempt(run: SweepRun, resume: bool, server_for=None) -> tuple[dict | None, str | None]:
@@ -478,7 +496,13 @@ def _attempt(run: SweepRun, resume: bool, server_for=None) -> tuple[dict | None,
             from dfo_lora.baselines import run_baseline
 
             return run_baseline(
-                run.baseline, run.config, run.options, run.out, overwrite=True, progress=False
+                run.baseline,
+                run.config,
+                run.options,
+                run.out,
+                overwrite=not resume,
+                progress=False,
+                resume=resume,
             ), None
         config = None if resume else run.config
         return tune(config, run.out, resume=resume, overwrite=True, progress=False, **kwargs), None

@@ -366,8 +366,18 @@ def test_sweep_runs_baselines_and_skips_them_when_done(tmp_path, tiny_llama_dir)
         load_sweep(sweep)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """This process on one torch thread, as each sweep worker under OMP_NUM_THREADS=1:
+    the thread count changes fp32 GEMM rounding on some CPUs (AVX-512 without AMX)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_a_local_sweep_runs_cells_in_worker_processes_with_the_same_results(
-    tmp_path, tiny_llama_dir, monkeypatch
+    tmp_path, tiny_llama_dir, monkeypatch, one_torch_thread
 ):
     """`concurrency: 2` with backend local runs two cells at a time, each in its own
     process; the cells' results and tuned tensors equal those of the one-at-a-time

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from dfo_lora.baselines import get_method
@@ -21,7 +24,10 @@ from dfo_lora.baselines.lora import add_lora
 from dfo_lora.baselines.run import prepare_context
 from dfo_lora.baselines.training import mezo_seeds, perturb, train_mezo
 from dfo_lora.cli import main
-from tests.test_baselines import cli_args, tiny
+from dfo_lora.search.checkpoint import load_state
+from dfo_lora.search.run import CHECKPOINT
+from tests.test_baselines import cli_args, one_line_error, read, tiny
+from tests.test_search import _kill_mid_search
 
 STEPS = {"steps": 3, "eval_every": 3, "lr": 1e-2, "eps": 1e-2}
 
@@ -89,3 +95,110 @@ def test_mezo_on_adapter_weights_runs(tiny_llama_dir, tmp_path):
     steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     moves = [x["loss_plus"] - x["loss_minus"] for x in steps if x["kind"] == "generation"]
     assert len(moves) == 2 and all(abs(m) > 0 for m in moves)  # u moves the adapters' loss
+
+
+# ---------------------------------------------------------------- checkpoint and resume
+RESUME_STEPS = ["--steps", "120", "--eval-every", "6", "--lr", "1e-2"]
+
+
+def _strip_time(log: Path) -> list[dict]:
+    return [
+        {k: v for k, v in json.loads(x).items() if k != "time_s"}
+        for x in log.read_text().splitlines()
+    ]
+
+
+def _assert_same_run(whole: Path, killed: Path, weights: str, trained: slice) -> None:
+    """Results, kept weights, final tensors and log equal; `trained` picks the final
+    tensors that start at zero (LoRA's B, or z), so the run is seen to have moved them."""
+    a, b = json.loads((whole / "results.json").read_text()), read(killed)
+    for key in ("tuned", "zero_shot", "calibrated_zero_shot", "best_dev_step", "best_dev_evals"):
+        assert a[key] == b[key], key
+    assert a["train_loss"] == b["train_loss"] and a["skipped_steps"] == b["skipped_steps"]
+    wa, wb = load_file(str(whole / weights)), load_file(str(killed / weights))
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    final_a = load_state(whole / CHECKPOINT)["tensors"]
+    final_b = load_state(killed / CHECKPOINT)["tensors"]
+    assert all(np.array_equal(x, y) for x, y in zip(final_a, final_b, strict=True))
+    assert all(np.abs(x).max() > 0 for x in final_a[trained])
+    assert _strip_time(whole / "log.jsonl") == _strip_time(killed / "log.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "weights", "trained"),
+    [
+        ("mezo-lora", [], "lora.safetensors", slice(1, None, 2)),  # (A, B) per module
+        ("mezo", ["--on", "z"], "z.safetensors", slice(None)),
+    ],
+    ids=["mezo-lora", "mezo-on-z"],
+)
+def test_mezo_resume_after_sigkill_equals_uninterrupted_run(
+    tiny_llama_dir, tmp_path, method, extra, weights, trained
+):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = [*RESUME_STEPS, *extra]
+    assert main(cli_args(tiny_llama_dir, method, whole, *args)) == 0
+    _kill_mid_search(cli_args(tiny_llama_dir, method, killed, *args), killed, min_lines=30)
+    assert not (killed / "results.json").exists()  # really killed mid-run
+    stopped_at = load_state(killed / CHECKPOINT)["step"]
+    assert 0 < stopped_at < 120
+    assert main(["baseline", "--resume", str(killed), "--quiet"]) == 0
+    _assert_same_run(whole, killed, weights, trained)
+
+
+def test_a_sweep_resumes_a_killed_mezo_cell(tiny_llama_dir, tmp_path):
+    from dfo_lora.sweep import run_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    options = {"steps": 120, "eval_every": 6, "lr": 1e-2}
+    spec = {
+        "out": str(tmp_path / "killed"),
+        "concurrency": 1,
+        "grid": {"method": ["mezo-lora"]},
+        "config": {
+            "model": str(tiny_llama_dir),
+            "test_limit": 24,
+            "dtype": "fp32",
+            "backend": "local",
+            "baseline": {"mezo-lora": options},
+        },
+    }
+    sweep.write_text(yaml.safe_dump(spec))
+    assert run_sweep(sweep, out=tmp_path / "whole", echo=lambda *_: None)["done"] == 1
+    cell = tmp_path / "killed" / "method=mezo-lora"
+    _kill_mid_search(["sweep", sweep], cell, min_lines=30)
+    assert not (cell / "results.json").exists()
+    said: list[str] = []
+    summary = run_sweep(sweep, echo=said.append)
+    assert summary["done"] == 1 and "sweep: method=mezo-lora: resuming" in said
+    whole = tmp_path / "whole" / "method=mezo-lora"
+    _assert_same_run(whole, cell, "lora.safetensors", slice(1, None, 2))
+
+
+def test_resume_errors_are_one_line(tiny_llama_dir, tmp_path, capsys):
+    grad = tmp_path / "grad"
+    assert main(cli_args(tiny_llama_dir, "gradient-lora", grad, "--steps", "2")) == 0
+    capsys.readouterr()
+    line = one_line_error(capsys, main(["baseline", "--resume", str(grad)]))
+    assert "gradient-lora does not checkpoint" in line
+
+    run = tmp_path / "mezo"
+    assert (
+        main(cli_args(tiny_llama_dir, "mezo-lora", run, "--steps", "4", "--eval-every", "2")) == 0
+    )
+    capsys.readouterr()
+    line = one_line_error(capsys, main(["baseline", "--resume", str(run), "--lr", "1"]))
+    assert "--lr cannot be given" in line
+    line = one_line_error(capsys, main(["baseline", "gradient-lora", "--resume", str(run)]))
+    assert "holds a mezo-lora run, not gradient-lora" in line
+    line = one_line_error(capsys, main(["baseline", "--resume", str(tmp_path / "none")]))
+    assert "baseline.yaml does not exist" in line
+
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(saved.replace("seed: 42", "seed: 7"))
+    line = one_line_error(capsys, main(["baseline", "--resume", str(run)]))
+    assert "config differs" in line and "seed" in line
+    (run / "config.yaml").write_text(saved)
+    (run / CHECKPOINT).unlink()
+    line = one_line_error(capsys, main(["baseline", "--resume", str(run)]))
+    assert "never checkpointed" in line

@@ -12,6 +12,9 @@ options (the same mapping as in a sweep file):
 
 Method options are flags (`--lr 1e-3`), one flag per option name for all methods; a flag
 that the chosen method does not take is an error. Command-line values override the file.
+`--resume DIR` continues a killed run of a checkpointing method (mezo-lora, mezo) with
+the settings it was started with (DIR's config.yaml and baseline.yaml), so no setting
+may be given beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from dfo_lora.baselines.registry import all_options, describe_methods, methods, options_by_method
 from dfo_lora.config import TuneConfig, coerce, load_config, read_yaml_mapping
+from dfo_lora.errors import UserError
 
 METAVARS = {bool: "BOOL", int: "N", float: "X", list: "LIST", str: "NAME"}
 SHARED = ("model", "task", "data_dir", "k", "seed", "test_limit", "max_length", "dtype", "device")
@@ -42,7 +46,12 @@ def add_baseline_parser(sub) -> None:
         epilog="methods and their options:\n" + describe_methods(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("method", metavar="METHOD", help=", ".join(methods()))
+    parser.add_argument(
+        "method",
+        metavar="METHOD",
+        nargs="?",
+        help=", ".join(methods()) + " (optional with --resume)",
+    )
     by_name = {f.name: f for f in fields(TuneConfig)}
     defaults = TuneConfig()
     shared = parser.add_argument_group("model and data (as in tune)")
@@ -63,6 +72,11 @@ def add_baseline_parser(sub) -> None:
         "--out", metavar="DIR", help="output folder (default: runs/<task>-<seed>-<method>)"
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the checkpointed run in DIR (mezo-lora, mezo) with its own settings",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     group = parser.add_argument_group("method options (each method takes those listed below)")
     for name, users in all_options().items():
@@ -85,6 +99,10 @@ def cmd_baseline(args) -> int:
     from dfo_lora.baselines.registry import get_method
     from dfo_lora.baselines.run import default_out, run_baseline
 
+    if args.resume:
+        return _resume(args)
+    if args.method is None:
+        raise UserError("baseline: name a METHOD (or --resume DIR)")
     method = get_method(args.method)
     values: dict = {}
     file_options: dict = {}
@@ -104,6 +122,25 @@ def cmd_baseline(args) -> int:
     results = run_baseline(
         method.name, config, options, out, overwrite=args.overwrite, progress=not args.quiet
     )
+    print(summary(results) + f"\nresults in {out}/results.json")
+    return 0
+
+
+def _resume(args) -> int:
+    """`--resume DIR`: the run's own settings only; a flag that would change them is refused."""
+    from dfo_lora.baselines.run import run_baseline
+
+    out = Path(args.resume)
+    if args.out and Path(args.out) != out:
+        raise UserError("resume: --out and --resume name different folders")
+    given = [name for name in SHARED if getattr(args, name) is not None]
+    given += [name for name in all_options() if getattr(args, f"option_{name}") is not None]
+    if args.config:
+        given.insert(0, "config")
+    if given or args.overwrite:
+        flag = _flag(given[0]) if given else "--overwrite"
+        raise UserError(f"resume: {flag} cannot be given; a run resumes with its own settings")
+    results = run_baseline(args.method, None, None, out, progress=not args.quiet, resume=True)
     print(summary(results) + f"\nresults in {out}/results.json")
     return 0
 

@@ -63,6 +63,8 @@ class Context:
     zero_shot: dict = field(default_factory=dict)
     calibrated_zero_shot: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    # A resumable method's checkpoint being continued (baselines/resume.py), else None.
+    resumed: dict | None = None
     _log: JsonlLog | None = None
 
     @property
@@ -80,7 +82,11 @@ class Context:
     # ------------------------------------------------------------------ output folder
     def open_out(self) -> Path:
         """Start writing the output folder (once): a previous run's files are removed (only
-        those: `outdir.clear`), then the run writes into it."""
+        those: `outdir.clear`), then the run writes into it. A resumed run keeps the folder
+        and cuts log.jsonl back to the lines its checkpoint counted."""
+        if self._log is None and self.resumed is not None:
+            self._log = JsonlLog(self.out / "log.jsonl")
+            self._log.truncate(self.resumed["log_lines"])
         if self._log is None:
             self.out.mkdir(parents=True, exist_ok=True)
             outdir.clear(self.out)
@@ -92,6 +98,20 @@ class Context:
             self._log = JsonlLog(self.out / "log.jsonl")
             self._log.truncate(0)
         return self.out
+
+    def resume_from(self, state: dict) -> None:
+        """Continue a checkpointed run: its prompt scores and its clock."""
+        self.resumed = state
+        self.zero_shot = state["zero_shot"]
+        self.calibrated_zero_shot = state["calibrated_zero_shot"]
+        self.started = time.perf_counter() - state["elapsed_s"]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def log_lines(self) -> int:
+        self.open_out()
+        return self._log.lines
 
     def log_step(self, record: dict) -> None:
         self.open_out()
@@ -120,7 +140,7 @@ class Context:
             "best_dev_evals": best_dev_evals,
             "evaluations": evaluations,
             "rounds": None,  # layer-wise search rounds: none in a baseline
-            "wall_time_s": time.perf_counter() - self.started,
+            "wall_time_s": self.elapsed(),
             "metric": self.metric,
             "peak_mem_bytes": server.peak_memory(),
             "versions": versions(),
@@ -204,11 +224,11 @@ def train_loss(server, loss: str, calibrate: bool) -> tuple[torch.Tensor, float]
 class ProgressBar:
     """A tqdm bar over training steps with the train loss and the best dev metric."""
 
-    def __init__(self, total: int, metric: str, disable: bool):
+    def __init__(self, total: int, metric: str, disable: bool, initial: int = 0):
         from tqdm import tqdm
 
         self.metric = metric
-        self.bar = tqdm(total=total, unit="step", disable=disable)
+        self.bar = tqdm(total=total, initial=initial, unit="step", disable=disable)
         self.postfix: dict = {}
 
     def step(self, loss: float) -> None:

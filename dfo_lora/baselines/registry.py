@@ -34,6 +34,8 @@ class Method:
     # Trains the run's own search space (any space), so the server holds that space;
     # the others adapt the plain model and get a LoRA-space server (peft's projections).
     own_space: bool = False
+    # Writes checkpoint/state.safetensors as it trains, so `--resume` continues it.
+    resumable: bool = False
 
     def resolve(self, given: dict | None) -> dict:
         """Defaults <- given values (CLI strings or YAML values), each checked."""
@@ -81,8 +83,15 @@ def _build() -> dict[str, Method]:
             subspace_gradient.OPTIONS,
             own_space=True,
         ),
-        Method("mezo-lora", mezo_lora.run, mezo_lora.HELP, mezo_lora.OPTIONS, needs_peft=True),
-        Method("mezo", mezo.run, mezo.HELP, mezo.OPTIONS, own_space=True),
+        Method(
+            "mezo-lora",
+            mezo_lora.run,
+            mezo_lora.HELP,
+            mezo_lora.OPTIONS,
+            needs_peft=True,
+            resumable=True,
+        ),
+        Method("mezo", mezo.run, mezo.HELP, mezo.OPTIONS, own_space=True, resumable=True),
         Method("c-lora", paper.run_c_lora, paper.HELP_C_LORA, paper.OPTIONS, uses_tune=True),
         Method("f-lora", paper.run_f_lora, paper.HELP_F_LORA, paper.OPTIONS_F_LORA, uses_tune=True),
     ]

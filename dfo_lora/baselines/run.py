@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from dfo_lora.baselines import resume as checkpoint
 from dfo_lora.baselines.common import Context
-from dfo_lora.baselines.registry import get_method
-from dfo_lora.config import TuneConfig
+from dfo_lora.baselines.registry import get_method, methods
+from dfo_lora.config import TuneConfig, load_config, read_yaml_mapping
 from dfo_lora.errors import UserError
 from dfo_lora.extras import require_peft
+from dfo_lora.search.run import CHECKPOINT
 
 
 def default_out(method: str, config: TuneConfig) -> Path:
@@ -17,12 +19,13 @@ def default_out(method: str, config: TuneConfig) -> Path:
 
 
 def run_baseline(
-    method: str,
-    config: TuneConfig,
+    method: str | None,
+    config: TuneConfig | None,
     options: dict | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Run baseline `method` on the data `config` names; returns results (results.json).
 
@@ -31,10 +34,18 @@ def run_baseline(
     strings or YAML values, checked against the registry). Every check (method, options,
     peft, output folder, ICL fit) runs before anything is written to `out`, and the run
     holds the folder's lock from loading the model to its last write (search/outdir.py).
+
+    `resume` continues a resumable method's run in `out` from its checkpoint; its
+    config.yaml and baseline.yaml give the settings (`config` and `options`, if given,
+    must agree with them), and the checkpoint must be that run's.
     """
     from dfo_lora.search import outdir
     from dfo_lora.search.run import prepare_out_dir
 
+    if resume:
+        if out is None:
+            raise UserError("resume: needs the run's output folder")
+        method, config, options = saved_run(Path(out), method, config, options)
     entry = get_method(method)
     resolved = entry.resolve(options)
     if entry.needs_peft:
@@ -42,14 +53,58 @@ def run_baseline(
     out = Path(out) if out is not None else default_out(entry.name, config)
     if out.exists() and not out.is_dir():
         raise UserError(f"out: {out} is a file, not a folder")
-    prepare_out_dir(out, config, False, overwrite, resumable=False)  # checks only
+    prepare_out_dir(out, config, resume, overwrite, resumable=entry.resumable)  # checks only
     with outdir.hold(out):  # tune, for c-lora / f-lora, holds it again (re-entrant)
-        prepare_out_dir(out, config, False, overwrite, resumable=False)  # now ours
+        prepare_out_dir(out, config, resume, overwrite, resumable=entry.resumable)  # now ours
         if entry.uses_tune:
             return entry.run(config, resolved, out, overwrite=overwrite, progress=progress)
+        state = None
+        if resume:
+            state = checkpoint.load(out / CHECKPOINT, entry.name, config, resolved)
         ctx = prepare_context(entry.name, config, resolved, out, progress)
-        ctx.score_prompt()
+        if state is None:
+            ctx.score_prompt()
+        else:
+            ctx.resume_from(state)
         return entry.run(ctx)
+
+
+def saved_run(
+    out: Path, method: str | None, config: TuneConfig | None, options: dict | None
+) -> tuple[str, TuneConfig, dict]:
+    """The method, config and options of the run in `out` (baseline.yaml, config.yaml),
+    checked against those given."""
+    described = out / "baseline.yaml"
+    if not described.is_file():
+        raise UserError(f"resume: {described} does not exist (no baseline run in {out})")
+    saved = read_yaml_mapping(described)
+    name, given = saved.get("method"), saved.get("options")
+    if not isinstance(name, str) or not isinstance(given, dict):
+        raise UserError(f"{described}: expected `method: NAME` and `options: {{...}}`")
+    entry = get_method(name)
+    if not entry.resumable:
+        raise UserError(
+            f"resume: {entry.name} does not checkpoint (only "
+            f"{', '.join(m.name for m in methods().values() if m.resumable)} do); "
+            "run it again with --overwrite"
+        )
+    if method is not None and get_method(method).name != entry.name:
+        raise UserError(f"resume: {out} holds a {entry.name} run, not {method}")
+    resolved = entry.resolve(given)
+    if options is not None and entry.resolve(options) != resolved:
+        mine = entry.resolve(options)
+        diff = [k for k in resolved if mine[k] != resolved[k]]
+        raise UserError(
+            f"resume: options differ from {described} in {', '.join(diff)}; "
+            "resume with the same options or start a new --out"
+        )
+    previous = config
+    if previous is None:
+        saved_config = out / "config.yaml"
+        if not saved_config.is_file():
+            raise UserError(f"resume: {saved_config} does not exist (nothing to resume in {out})")
+        previous = load_config(saved_config)
+    return entry.name, previous, resolved
 
 
 def prepare_context(

@@ -26,6 +26,9 @@ each step draws a seed s and, with u ~ N(0, I) regenerated from s in place (neve
 
 `install()` runs after every change of theta (the tensors may reach the model as cast
 copies or through a space's maps). A non-finite L+ or L- skips the step's update.
+After every dev check MeZO writes a checkpoint (`resume.py`), and `ctx.resumed` continues
+from one: each step's seed comes from the run's seed and the step number, so a resumed
+run takes exactly the steps the uninterrupted one takes.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from dfo_lora.baselines import resume
 from dfo_lora.baselines.common import DevSelection, ProgressBar, step_record, train_loss
 from dfo_lora.options import Option
+from dfo_lora.search.run import CHECKPOINT
 from dfo_lora.server.losses import LOSSES
 
 # The options each loop reads, declared once for the methods that run it (a method may
@@ -171,7 +176,16 @@ def train_mezo(
     seeds = mezo_seeds(ctx.config.seed, o["steps"])
     select = DevSelection(ctx.metric)
     eps = o["eps"]
-    bar = ProgressBar(o["steps"], ctx.metric, disable=not ctx.progress)
+    path = ctx.out / CHECKPOINT
+    losses: list[float] = []
+    skipped = 0
+    first = 1
+    if ctx.resumed is not None:  # the checkpoint's step, tensors, losses and selection
+        resume.restore_tensors(path, ctx.resumed, tensors)
+        resume.restore_selection(path, ctx.resumed, select, state())
+        losses, skipped = list(ctx.resumed["losses"]), ctx.resumed["skipped"]
+        first = ctx.resumed["step"] + 1
+    bar = ProgressBar(o["steps"], ctx.metric, disable=not ctx.progress, initial=first - 1)
 
     def loss_now() -> tuple[float, float]:
         install()
@@ -179,10 +193,14 @@ def train_mezo(
         return float(loss), accuracy
 
     dev_check = dev_checker(ctx, o, select, bar, state, install, forwards_per_step=2)
-    dev_check(0)
-    losses: list[float] = []
-    skipped = 0
-    for step in range(1, o["steps"] + 1):
+
+    def check_and_save(step: int) -> None:
+        dev_check(step)
+        resume.save(path, ctx, step, tensors, losses, skipped, select)
+
+    if first == 1:
+        check_and_save(0)
+    for step in range(first, o["steps"] + 1):
         seed = int(seeds[step - 1])
         perturb(tensors, seed, eps)
         plus, acc_plus = loss_now()
@@ -211,6 +229,6 @@ def train_mezo(
         )
         bar.step(losses[-1])
         if step % o["eval_every"] == 0 or step == o["steps"]:
-            dev_check(step)
+            check_and_save(step)
     bar.close()
     return select, losses, skipped
