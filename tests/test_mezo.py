@@ -24,7 +24,7 @@ from dfo_lora.baselines.lora import add_lora
 from dfo_lora.baselines.run import prepare_context
 from dfo_lora.baselines.training import mezo_seeds, perturb, train_mezo
 from dfo_lora.cli import main
-from dfo_lora.search.checkpoint import load_state
+from dfo_lora.search.checkpoint import load_state, save_state
 from dfo_lora.search.run import CHECKPOINT
 from tests.test_baselines import cli_args, one_line_error, read, tiny
 from tests.test_search import _kill_mid_search
@@ -98,7 +98,7 @@ def test_mezo_on_adapter_weights_runs(tiny_llama_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- checkpoint and resume
-RESUME_STEPS = ["--steps", "120", "--eval-every", "6", "--lr", "1e-2"]
+RESUME_STEPS = ["--steps", "120", "--lr", "1e-2"]
 
 
 def _strip_time(log: Path) -> list[dict]:
@@ -125,23 +125,29 @@ def _assert_same_run(whole: Path, killed: Path, weights: str, trained: slice) ->
 
 
 @pytest.mark.parametrize(
-    ("method", "extra", "weights", "trained"),
+    ("method", "extra", "weights", "trained", "eval_every", "kill_after_lines"),
     [
-        ("mezo-lora", [], "lora.safetensors", slice(1, None, 2)),  # (A, B) per module
-        ("mezo", ["--on", "z"], "z.safetensors", slice(None)),
+        # killed some checks in; (A, B) per module, B starts at zero
+        ("mezo-lora", [], "lora.safetensors", slice(1, None, 2), 6, 30),
+        # killed before the first check after step 0: resumed from the step-0 checkpoint
+        ("mezo", ["--on", "z"], "z.safetensors", slice(None), 60, 1),
     ],
-    ids=["mezo-lora", "mezo-on-z"],
+    ids=["mezo-lora-mid-run", "mezo-on-z-from-step-0"],
 )
 def test_mezo_resume_after_sigkill_equals_uninterrupted_run(
-    tiny_llama_dir, tmp_path, method, extra, weights, trained
+    tiny_llama_dir, tmp_path, method, extra, weights, trained, eval_every, kill_after_lines
 ):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    args = [*RESUME_STEPS, *extra]
+    args = [*RESUME_STEPS, "--eval-every", eval_every, *extra]
     assert main(cli_args(tiny_llama_dir, method, whole, *args)) == 0
-    _kill_mid_search(cli_args(tiny_llama_dir, method, killed, *args), killed, min_lines=30)
+    run = cli_args(tiny_llama_dir, method, killed, *args)
+    _kill_mid_search(run, killed, min_lines=kill_after_lines)
     assert not (killed / "results.json").exists()  # really killed mid-run
     stopped_at = load_state(killed / CHECKPOINT)["step"]
-    assert 0 < stopped_at < 120
+    if kill_after_lines == 1:
+        assert stopped_at == 0
+    else:
+        assert 0 < stopped_at < 120
     assert main(["baseline", "--resume", str(killed), "--quiet"]) == 0
     _assert_same_run(whole, killed, weights, trained)
 
@@ -166,7 +172,7 @@ def test_a_sweep_resumes_a_killed_mezo_cell(tiny_llama_dir, tmp_path):
     sweep.write_text(yaml.safe_dump(spec))
     assert run_sweep(sweep, out=tmp_path / "whole", echo=lambda *_: None)["done"] == 1
     cell = tmp_path / "killed" / "method=mezo-lora"
-    _kill_mid_search(["sweep", sweep], cell, min_lines=30)
+    _kill_mid_search(["sweep", sweep], cell, min_lines=30)  # past the step-6 checkpoint
     assert not (cell / "results.json").exists()
     said: list[str] = []
     summary = run_sweep(sweep, echo=said.append)
@@ -193,6 +199,23 @@ def test_resume_errors_are_one_line(tiny_llama_dir, tmp_path, capsys):
     assert "holds a mezo-lora run, not gradient-lora" in line
     line = one_line_error(capsys, main(["baseline", "--resume", str(tmp_path / "none")]))
     assert "baseline.yaml does not exist" in line
+
+    temp = run / ".results.json.1a2b3c"  # a killed write's temporary file
+    temp.write_text("{")
+    assert main(["baseline", "--resume", str(run), "--quiet"]) == 0  # a finished run: again
+    assert not temp.exists() and read(run)["steps"] == 4
+    capsys.readouterr()
+
+    log = (run / "log.jsonl").read_text()
+    (run / "log.jsonl").write_text(log.splitlines(keepends=True)[0])
+    line = one_line_error(capsys, main(["baseline", "--resume", str(run)]))
+    assert "log.jsonl: 1 lines, but the checkpoint counts" in line
+    (run / "log.jsonl").write_text(log)
+    state = load_state(run / CHECKPOINT)
+    del state["selection"]["best_step"]
+    save_state(run / CHECKPOINT, state)
+    line = one_line_error(capsys, main(["baseline", "--resume", str(run)]))
+    assert "no 'selection.best_step' entry" in line
 
     saved = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(saved.replace("seed: 42", "seed: 7"))

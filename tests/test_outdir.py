@@ -266,6 +266,16 @@ def test_baseline_overwrite_keeps_a_users_file(tmp_path, tiny_llama_dir):
     assert "keep.txt" in line and snapshot(out) == before
 
 
+def test_every_weights_file_a_baseline_writes_is_the_runs_own(tmp_path):
+    """gradient and mezo --on weights write parameters.safetensors: --overwrite (and a
+    sweep restarting the cell) must clear it like lora.safetensors and z.safetensors."""
+    for name in ("lora.safetensors", "z.safetensors", "parameters.safetensors", "results.json"):
+        (tmp_path / name).write_bytes(b"x")
+    outdir.check_clearable(tmp_path)
+    outdir.clear(tmp_path)
+    assert outdir.contents(tmp_path) == []
+
+
 # ---------------------------------------------------------------------- permissions
 @pytest.mark.parametrize(
     "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]

@@ -73,6 +73,20 @@ def from_arrays(saved, like, where: str = "state"):
     return saved
 
 
+# What a checkpoint must hold besides config, method and options.
+ENTRIES = (
+    "step",
+    "tensors",
+    "losses",
+    "skipped",
+    "selection",
+    "zero_shot",
+    "calibrated_zero_shot",
+    "log_lines",
+    "elapsed_s",
+)
+
+
 def _plain(value):
     """A value as JSON reads it back (tuples as lists, keys as strings)."""
     return json.loads(json.dumps(value))
@@ -105,8 +119,9 @@ def save(path: Path, ctx, step: int, tensors, losses, skipped: int, select) -> N
 
 
 def load(path: Path, method: str, config, options: dict) -> dict:
-    """A checkpoint's state, refused (one line naming the file) unless it is this run's:
-    the same method, config.yaml settings and options."""
+    """A checkpoint's state, refused (one line naming the file) unless it is this run's
+    (the same method, config.yaml settings and options), whole, and its folder's
+    log.jsonl still holds the lines it counts; checked before the model loads."""
     state = load_state(path)
     for key, want in (
         ("method", method),
@@ -121,13 +136,25 @@ def load(path: Path, method: str, config, options: dict) -> dict:
             else:
                 what = f"{key} is {saved!r}, not {want!r}"
             raise UserError(f"{path}: {what}; the checkpoint is another run's or was edited")
-    missing = [
-        k
-        for k in ("step", "tensors", "losses", "skipped", "selection", "log_lines", "elapsed_s")
-        if k not in state
-    ]
-    if missing:
-        raise UserError(f"{path}: no {missing[0]!r} entry{CORRUPT}")
+    for key in ENTRIES:
+        if key not in state:
+            raise UserError(f"{path}: no {key!r} entry{CORRUPT}")
+    selection = state["selection"]
+    for key in ("best", "best_evals", "best_step", "state"):
+        if not isinstance(selection, dict) or key not in selection:
+            raise UserError(f"{path}: no 'selection.{key}' entry{CORRUPT}")
+    step, losses = state["step"], state["losses"]
+    if not isinstance(step, int) or not 0 <= step <= options["steps"]:
+        raise UserError(f"{path}: step {step!r} is not in 0..{options['steps']}{CORRUPT}")
+    if not isinstance(losses, list) or len(losses) != step:
+        raise UserError(f"{path}: 'losses' does not hold one loss per step to {step}{CORRUPT}")
+    log = path.parent.parent / "log.jsonl"  # <out>/checkpoint/state.safetensors
+    lines = len(log.read_text().splitlines()) if log.is_file() else 0
+    if lines < state["log_lines"]:
+        raise UserError(
+            f"{log}: {lines} lines, but the checkpoint counts {state['log_lines']}; the log "
+            "was cut or replaced, so the run cannot resume (start it again with --overwrite)"
+        )
     return state
 
 

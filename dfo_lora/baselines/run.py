@@ -61,6 +61,7 @@ def run_baseline(
         state = None
         if resume:
             state = checkpoint.load(out / CHECKPOINT, entry.name, config, resolved)
+            outdir.remove_stale_temps(out)  # a killed write's temp file: we hold the lock
         ctx = prepare_context(entry.name, config, resolved, out, progress)
         if state is None:
             ctx.score_prompt()

@@ -198,7 +198,7 @@ def train_mezo(
         dev_check(step)
         resume.save(path, ctx, step, tensors, losses, skipped, select)
 
-    if first == 1:
+    if ctx.resumed is None:  # a resumed run's step-0 check is in its checkpoint already
         check_and_save(0)
     for step in range(first, o["steps"] + 1):
         seed = int(seeds[step - 1])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dfo_lora.errors import UserError
+from dfo_lora.search.checkpoint import atomic_write_bytes
+
 
 class Callback:
     """Hooks of the layer-wise search; every method is optional."""
@@ -30,8 +33,15 @@ class JsonlLog(Callback):
         self.lines = 0
 
     def truncate(self, lines: int) -> None:
+        """Keep the first `lines` lines (atomically); fewer than that is a damaged log."""
         kept = self.path.read_text().splitlines(keepends=True)[:lines] if self.path.exists() else []
-        self.path.write_text("".join(kept))
+        if len(kept) < lines:
+            raise UserError(
+                f"{self.path}: {len(kept)} lines, but the checkpoint counts {lines}; "
+                "the log was cut or replaced, so the run cannot resume (start it again "
+                "with --overwrite)"
+            )
+        atomic_write_bytes(self.path, "".join(kept).encode())
         self.lines = len(kept)
 
     def _write(self, record: dict) -> None:

@@ -42,6 +42,7 @@ RUN_FILES = (
     "tuned.safetensors",
     "lora.safetensors",
     "z.safetensors",
+    "parameters.safetensors",
 )
 RUN_FOLDERS = {
     "checkpoint": ("state.safetensors",),

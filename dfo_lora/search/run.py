@@ -93,7 +93,8 @@ def prepare_out_dir(
     out: Path, config: TuneConfig, resume: bool, overwrite: bool, resumable: bool = True
 ) -> TuneConfig:
     """Check the folder before anything is written; returns the config to run.
-    (`resumable`: whether the "exists" error may suggest --resume; baselines cannot.)
+    (`resumable`: whether the "exists" error may suggest --resume: tune's runs and the
+    baselines that checkpoint.)
 
     A folder that another live run holds is refused (`outdir.check_not_held`); its lock
     never counts as content, and `overwrite` is refused for a folder holding files that
