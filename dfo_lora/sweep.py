@@ -462,20 +462,13 @@ def _resumes(run: SweepRun) -> bool:
     baselines restart."""
     if run.baseline is None:
         return _resumable(run)
-    from dfo_lora.baselines.registry import get_method
+    from dfo_lora.baselines.run import saved_run
 
-    method = get_method(run.baseline)
-    if not (method.resumable and _resumable(run)):
+    try:  # the method checkpoints and baseline.yaml holds it with the same options
+        saved_run(run.out, run.baseline, run.config, run.options)
+    except UserError:
         return False
-    try:
-        saved = yaml.safe_load((run.out / "baseline.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return (
-        isinstance(saved, dict)
-        and saved.get("method") == method.name
-        and saved.get("options") == json.loads(json.dumps(method.resolve(run.options)))
-    )
+    return _resumable(run)
 
 
 def _attempt(run: SweepRun, resume: bool, server_for=None) -> tuple[dict | None, str | None]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dfo_lora.errors import UserError
+from dfo_lora.search.callbacks import JsonlLog
 from dfo_lora.search.checkpoint import CORRUPT, load_state, save_state
 
 
@@ -148,13 +149,7 @@ def load(path: Path, method: str, config, options: dict) -> dict:
         raise UserError(f"{path}: step {step!r} is not in 0..{options['steps']}{CORRUPT}")
     if not isinstance(losses, list) or len(losses) != step:
         raise UserError(f"{path}: 'losses' does not hold one loss per step to {step}{CORRUPT}")
-    log = path.parent.parent / "log.jsonl"  # <out>/checkpoint/state.safetensors
-    lines = len(log.read_text().splitlines()) if log.is_file() else 0
-    if lines < state["log_lines"]:
-        raise UserError(
-            f"{log}: {lines} lines, but the checkpoint counts {state['log_lines']}; the log "
-            "was cut or replaced, so the run cannot resume (start it again with --overwrite)"
-        )
+    JsonlLog(path.parent.parent / "log.jsonl").check_holds(state["log_lines"])  # <out>/checkpoint/
     return state
 
 

@@ -34,15 +34,20 @@ class JsonlLog(Callback):
 
     def truncate(self, lines: int) -> None:
         """Keep the first `lines` lines (atomically); fewer than that is a damaged log."""
-        kept = self.path.read_text().splitlines(keepends=True)[:lines] if self.path.exists() else []
-        if len(kept) < lines:
+        kept = self.check_holds(lines)[:lines]
+        atomic_write_bytes(self.path, "".join(kept).encode())
+        self.lines = len(kept)
+
+    def check_holds(self, lines: int) -> list[str]:
+        """The log's lines, refused in one line when it has fewer than a checkpoint counts."""
+        every = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        if len(every) < lines:
             raise UserError(
-                f"{self.path}: {len(kept)} lines, but the checkpoint counts {lines}; "
+                f"{self.path}: {len(every)} lines, but the checkpoint counts {lines}; "
                 "the log was cut or replaced, so the run cannot resume (start it again "
                 "with --overwrite)"
             )
-        atomic_write_bytes(self.path, "".join(kept).encode())
-        self.lines = len(kept)
+        return every
 
     def _write(self, record: dict) -> None:
         with self.path.open("a") as f:
