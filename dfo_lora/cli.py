@@ -159,7 +159,8 @@ A YAML file of runs: the product of the grid's lists, each with config's setting
 
 Runs go to Ray server actors (a running cluster, RAY_ADDRESS, or a new local one)
 unless config says backend: local. A re-run skips finished runs and resumes
-checkpointed ones with the same config."""
+checkpointed ones with the same config. --only KEY=VALUES runs part of the grid into
+the same folders (--only task=agnews --only seed=13,87)."""
 
 
 def build_parser() -> ArgumentParser:
@@ -233,6 +234,13 @@ def build_parser() -> ArgumentParser:
     sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="out, concurrency, grid, config")
     sweep.add_argument("--out", metavar="DIR", help="override the file's output folder")
     sweep.add_argument("--concurrency", type=int, help="runs at a time (0: as the cluster fits)")
+    sweep.add_argument(
+        "--only",
+        action="append",
+        metavar="KEY=VALUES",
+        help="run only the runs with these grid values, as in their folder names "
+        "(--only task=agnews --only seed=13,87); repeat for more axes",
+    )
 
     plot = sub.add_parser(
         "plot", help="train loss and dev metric against evaluations, one row per task"
@@ -442,7 +450,7 @@ def cmd_export(args) -> int:
 def cmd_sweep(args) -> int:
     from dfo_lora.sweep import run_sweep
 
-    summary = run_sweep(args.sweep_file, out=args.out, concurrency=args.concurrency)
+    summary = run_sweep(args.sweep_file, out=args.out, concurrency=args.concurrency, only=args.only)
     print(
         f"sweep: {summary['done']} done, {summary['skipped']} skipped, "
         f"{summary['failed']} failed; {summary['jsonl']}"

@@ -31,6 +31,12 @@ its own process with OMP_NUM_THREADS torch threads where that is set, else an eq
 share of the CPUs (the thread count can change bf16 rounding, so a sweep that is to
 repeat a record sets it).
 
+`--only KEY=VALUE[,VALUE...]` (repeatable; `run_sweep(only=...)`) runs just the grid's runs
+with those values, written as in the folder names (`--only task=agnews --only seed=13,87`),
+into the same folders as the whole sweep; every run is still validated, and sweep.jsonl
+still lists every finished run. Two parts run at once into one `out` are refused (the
+sweep holds its folder): give the second its own `--out`, or one part `--concurrency 2`.
+
 Baselines: `method` also takes a baseline name (`dfo-lora baseline`: zero-shot,
 calibrated, icl, gradient-lora, subspace-gradient, mezo-lora, c-lora, f-lora). Such a run runs that
 baseline on the run's model, task, data and seed (the other TuneConfig values of the
@@ -91,6 +97,7 @@ class SweepRun:
     out: Path
     baseline: str | None = None  # a `dfo-lora baseline` method instead of a tuning run
     options: dict = field(default_factory=dict)  # that method's options
+    selected: bool = True  # picked by `--only` (else only read back when finished)
 
     @property
     def group_key(self) -> str:
@@ -116,8 +123,14 @@ def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
 
 
-def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None) -> Sweep:
-    """Parse and validate the whole grid (every run's config) before anything runs."""
+def load_sweep(
+    path: str | Path,
+    out: str | Path | None = None,
+    concurrency=None,
+    only: list[str] | None = None,
+) -> Sweep:
+    """Parse and validate the whole grid (every run's config) before anything runs;
+    `only` ("KEY=VALUE[,VALUE...]" each) marks the runs to run (`_select`)."""
     path = Path(path)
     data = read_yaml_mapping(path)
     for key in data:
@@ -203,10 +216,40 @@ def load_sweep(path: str | Path, out: str | Path | None = None, concurrency=None
         if baseline and row_options is not None:
             options = dict(row_options)
         runs.append(SweepRun(name, params, config, root / name, baseline, options))
+    _select(path, runs, axes, only or [])
     addresses = {r.config.address for r in runs if r.config.backend == "ray"}
     if len(addresses) > 1:
         raise UserError(f"{path}: address: one sweep uses one cluster, got {sorted(addresses)}")
     return Sweep(path, root, concurrency, runs)
+
+
+def _select(path: Path, runs: list[SweepRun], axes: list, only: list[str]) -> None:
+    """Mark the runs whose grid values match every `--only KEY=VALUE[,VALUE...]`. A value
+    is written as in the run's folder name (`seed=13`, `targets=q+v`), so one part of a
+    grid can run on its own (another machine, another process) into the same folders
+    as the whole sweep."""
+    choices = {key: [_slug(v) for v in options] for key, options in axes}
+    wanted: dict[str, set[str]] = {}
+    for item in only:
+        key, eq, text = item.partition("=")
+        values = [v.strip() for v in text.split(",")]
+        if not eq or not key.strip() or not all(values):
+            raise UserError(f"{path}: --only {item!r}: expected KEY=VALUE[,VALUE...]")
+        key = key.strip()
+        if key not in choices:
+            raise UserError(
+                f"{path}: --only {item}: {key!r} is not a grid axis "
+                f"(axes: {', '.join(choices) or 'none'})" + did_you_mean(key, choices)
+            )
+        for value in values:
+            if value not in choices[key]:
+                raise UserError(
+                    f"{path}: --only {item}: {value!r} is not in the grid's {key} "
+                    f"({', '.join(choices[key])})"
+                )
+        wanted[key] = wanted.get(key, set()) | set(values)
+    for run in runs:
+        run.selected = all(_slug(run.params[k]) in v for k, v in wanted.items())
 
 
 def _parse_rows(path: Path, table_rows: dict) -> dict[str, tuple[dict, dict | None]]:
@@ -377,15 +420,17 @@ def run_sweep(
     out: str | Path | None = None,
     concurrency: int | None = None,
     echo=print,
+    only: list[str] | None = None,
 ) -> dict:
     """Run (or continue) a sweep; returns {"done", "skipped", "failed", "jsonl"}.
+    With `only`, just the runs it picks run; sweep.jsonl still lists every finished run.
 
     The sweep's folder is held (`outdir.hold`: its `.lock`) for the whole sweep, so a
     second sweep into the same folder is refused in one line instead of rewriting
     sweep.jsonl beside this one; each run also holds its own folder."""
     from dfo_lora.search import outdir
 
-    sweep = load_sweep(path, out, concurrency)
+    sweep = load_sweep(path, out, concurrency, only)
     with outdir.hold(sweep.out):
         return _run_sweep(sweep, echo)
 
@@ -415,9 +460,12 @@ def _run_sweep(sweep: Sweep, echo) -> dict:
                     "that cell again"
                 ) from None
             save(run, record)
-        else:
+        elif run.selected:
             todo.append(run)
-    echo(f"sweep: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished")
+    finished = len(records)
+    picked = sum(r.selected for r in sweep.runs)
+    by_only = f", {picked} picked by --only" if picked < len(sweep.runs) else ""
+    echo(f"sweep: {len(sweep.runs)} runs{by_only}, {finished} already finished")
 
     def one(run: SweepRun, server_for=None) -> None:
         resume = _resumes(run)

@@ -366,6 +366,79 @@ def test_sweep_runs_baselines_and_skips_them_when_done(tmp_path, tiny_llama_dir)
         load_sweep(sweep)
 
 
+def test_sweep_only_runs_part_of_the_grid_into_the_whole_sweeps_folders(tmp_path, tiny_llama_dir):
+    from dfo_lora.sweep import run_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    spec = {
+        "out": str(tmp_path / "runs"),
+        "grid": {"method": ["zero-shot", "calibrated"], "seed": [1, 2]},
+        "config": {"model": str(tiny_llama_dir), "test_limit": 16, "dtype": "fp32"},
+    }
+    sweep.write_text(yaml.safe_dump(spec))
+    quiet = {"echo": lambda *_: None}
+
+    def lines() -> list[str]:
+        return [json.loads(x)["dir"] for x in (tmp_path / "runs" / "sweep.jsonl").open()]
+
+    part = run_sweep(sweep, only=["method=calibrated", "seed=2"], **quiet)
+    assert (part["done"], part["skipped"]) == (1, 0)
+    finished = [p.parent.name for p in (tmp_path / "runs").glob("*/results.json")]
+    assert finished == ["method=calibrated__seed=2"]  # the others not even started
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()] == [finished[0]]
+    assert lines() == ["method=calibrated__seed=2"]
+    part = run_sweep(sweep, only=["seed=1", "method=zero-shot,calibrated"], **quiet)
+    assert (part["done"], part["skipped"]) == (2, 1)  # the finished run is read back, not run
+    assert lines() == [
+        "method=zero-shot__seed=1",
+        "method=calibrated__seed=1",
+        "method=calibrated__seed=2",
+    ]  # grid order, every finished run
+    kept = read(tmp_path / "runs" / "method=calibrated__seed=2")
+    whole = run_sweep(sweep, **quiet)
+    assert (whole["done"], whole["skipped"]) == (1, 3)
+    assert read(tmp_path / "runs" / "method=calibrated__seed=2") == kept
+    assert len(lines()) == 4
+    apart = run_sweep(sweep, out=tmp_path / "apart", **quiet)  # the whole grid in one go
+    assert apart["done"] == 4
+    for name in lines():  # the runs made part by part read as the whole sweep's
+        alone, together = read(tmp_path / "runs" / name), read(tmp_path / "apart" / name)
+        assert alone["tuned"] == together["tuned"] and alone["zero_shot"] == together["zero_shot"]
+
+
+@pytest.mark.parametrize(
+    "only, message",
+    [
+        (["seed"], r"sweep.yaml: --only 'seed': expected KEY=VALUE\[,VALUE...\]$"),
+        (["seed=1,"], r"--only 'seed=1,': expected KEY=VALUE"),
+        (
+            ["sed=1"],
+            r"--only sed=1: 'sed' is not a grid axis \(axes: method, seed\); did you mean 'seed'",
+        ),
+        (["seed=3"], r"--only seed=3: '3' is not in the grid's seed \(1, 2\)$"),
+        (["method=calibrated,icl"], r"'icl' is not in the grid's method \(zero-shot, calibrated\)"),
+    ],
+)
+def test_sweep_only_bad_values_are_one_line_exit_2(tmp_path, tiny_llama_dir, capsys, only, message):
+    from dfo_lora.sweep import load_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    spec = {
+        "out": str(tmp_path / "runs"),
+        "grid": {"method": ["zero-shot", "calibrated"], "seed": [1, 2]},
+        "config": {"model": str(tiny_llama_dir)},
+    }
+    sweep.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match=message):
+        load_sweep(sweep, only=only)
+    capsys.readouterr()
+    args = [x for value in only for x in ("--only", value)]
+    assert main(["sweep", str(sweep), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only" in err[0]
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
 @pytest.fixture
 def one_torch_thread():
     """This process on one torch thread, as each sweep worker under OMP_NUM_THREADS=1:
