@@ -247,7 +247,7 @@ def _select(path: Path, runs: list[SweepRun], axes: list, only: list[str]) -> No
                     f"{path}: --only {item}: {value!r} is not in the grid's {key} "
                     f"({', '.join(choices[key])})"
                 )
-        wanted[key] = wanted.get(key, set()) | set(values)
+        wanted.setdefault(key, set()).update(values)
     for run in runs:
         run.selected = all(_slug(run.params[k]) in v for k, v in wanted.items())
 

@@ -366,9 +366,9 @@ def test_sweep_runs_baselines_and_skips_them_when_done(tmp_path, tiny_llama_dir)
         load_sweep(sweep)
 
 
-def test_sweep_only_runs_part_of_the_grid_into_the_whole_sweeps_folders(tmp_path, tiny_llama_dir):
-    from dfo_lora.sweep import run_sweep
-
+@pytest.fixture
+def two_by_two_sweep(tmp_path, tiny_llama_dir) -> Path:
+    """A 2 x 2 grid (method x seed) of cheap baselines, written out in a sweep file."""
     sweep = tmp_path / "sweep.yaml"
     spec = {
         "out": str(tmp_path / "runs"),
@@ -376,6 +376,13 @@ def test_sweep_only_runs_part_of_the_grid_into_the_whole_sweeps_folders(tmp_path
         "config": {"model": str(tiny_llama_dir), "test_limit": 16, "dtype": "fp32"},
     }
     sweep.write_text(yaml.safe_dump(spec))
+    return sweep
+
+
+def test_sweep_only_runs_part_of_the_grid_into_the_whole_sweeps_folders(tmp_path, two_by_two_sweep):
+    from dfo_lora.sweep import run_sweep
+
+    sweep = two_by_two_sweep
     quiet = {"echo": lambda *_: None}
 
     def lines() -> list[str]:
@@ -419,16 +426,12 @@ def test_sweep_only_runs_part_of_the_grid_into_the_whole_sweeps_folders(tmp_path
         (["method=calibrated,icl"], r"'icl' is not in the grid's method \(zero-shot, calibrated\)"),
     ],
 )
-def test_sweep_only_bad_values_are_one_line_exit_2(tmp_path, tiny_llama_dir, capsys, only, message):
+def test_sweep_only_bad_values_are_one_line_exit_2(
+    tmp_path, two_by_two_sweep, capsys, only, message
+):
     from dfo_lora.sweep import load_sweep
 
-    sweep = tmp_path / "sweep.yaml"
-    spec = {
-        "out": str(tmp_path / "runs"),
-        "grid": {"method": ["zero-shot", "calibrated"], "seed": [1, 2]},
-        "config": {"model": str(tiny_llama_dir)},
-    }
-    sweep.write_text(yaml.safe_dump(spec))
+    sweep = two_by_two_sweep
     with pytest.raises(UserError, match=message):
         load_sweep(sweep, only=only)
     capsys.readouterr()
