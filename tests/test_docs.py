@@ -81,7 +81,7 @@ def test_every_experiment_sweep_file_loads():
 
     files = sorted((ROOT / "experiments" / "quality").rglob("*.yaml"))
     files += sorted((ROOT / "experiments" / "paper").rglob("*.yaml"))
-    # A cut-off run's folder kept between sessions (mezo-cells/) holds a run's
+    # A cut-off run's folder kept between sessions (e.g. mezo-cells/) holds a run's
     # config.yaml and baseline.yaml, not sweep files: its config must load as a run's.
     kept = [f for f in files if (f.parent / "log.jsonl").is_file()]
     for path in kept:
