@@ -74,8 +74,11 @@ TASK_ORDER = (
     "trec",
     "sst5",
 )
-FIRST_METHODS = ("zero-shot", "calibrated", "icl")
-LAST_METHODS = ("mezo-lora", "gradient-lora")
+# The DFO-LoRA paper's rows keep its order: gradient methods, then derivative-free prompts,
+# then the forward-only LoRA rows (experiments/paper/table.yaml names them so).
+FIRST_METHODS = ("zero-shot", "calibrated", "icl", "adapter", "lora", "bitfit", "p-tuning-v2")
+FIRST_METHODS += ("bbt", "bbtv2")
+LAST_METHODS = ("mezo-lora", "c-lora", "f-lora", "gradient-lora")
 KEY = ("machine", "model", "k", "task", "method", "seed")
 
 
