@@ -23,9 +23,12 @@ VERBALIZER = [7, 11, 13]
 
 
 def servers(arch, space, graphs="snapshot", dtype=torch.float32):
-    """An eager server and a graphed one on the same model, data and space (on DEVICE)."""
+    """An eager server and a graphed one on the same model, data and space (on DEVICE);
+    a prompt space's prompt in front of every example, as the prompt once per candidate
+    (`shared_prefix`) runs before graphs."""
     made = []
-    for options in (ServerOptions(), ServerOptions(cuda_graphs=graphs)):
+    for graphed in (False, graphs):
+        options = ServerOptions(cuda_graphs=graphed, shared_prefix=False)
         backbone = tiny_model(arch, 0, dtype)
         splits = {
             "train": random_examples(backbone, 10, seed=1),

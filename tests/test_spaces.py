@@ -225,6 +225,37 @@ def test_score_equals_hf_forward_with_the_weights_installed(arch, name):
     assert np.ptp(got) > 1e-4  # the candidates really differ
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["prompt", "deep-prompt"])
+def test_the_prompt_once_per_candidate_scores_as_the_prompt_in_front_of_every_example(arch, name):
+    """The shared-prefix path (a causal model runs the prompt once per candidate, its keys
+    and values read through the model's cache; sliding windows included) against the
+    prompt's tokens in front of every example, over several chunks and buckets, with
+    commits below and above and the cached layer inputs in use; masked LMs keep the
+    latter (their prompt positions read the whole input)."""
+    options = dict(max_tokens=60)
+    shared, _ = build(arch, name, options=ServerOptions(**options))
+    plain, _ = build(arch, name, options=ServerOptions(shared_prefix=False, **options))
+    assert bool(shared._after_prefix) == shared.backbone.causal
+    assert not plain._after_prefix
+    rng = np.random.default_rng(5)
+    layers = [0] if name == "prompt" else [0, 1, 2]
+    for layer in layers:
+        cands = rng.normal(size=(6, shared.dim))
+        got, want = shared.score(layer, cands), plain.score(layer, cands)
+        assert rel_err(got["loss"], want["loss"]) <= 1e-5, (layer, got, want)
+        assert np.array_equal(got["accuracy"], want["accuracy"])
+        # the candidates really differ (above layer 0 a sliding window may hide the prompt)
+        assert layer > 0 or np.ptp(got["loss"]) > 1e-4
+        for server in (shared, plain):
+            server.commit(layer, cands[0])
+    cands = rng.normal(size=(3, shared.dim))
+    for server in (shared, plain):  # back below: the cached inputs above are remade
+        server.commit(0, np.zeros(server.dim))
+    last = layers[-1]
+    assert rel_err(shared.score(last, cands)["loss"], plain.score(last, cands)["loss"]) <= 1e-5
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
 @pytest.mark.parametrize("name", SPACE_NAMES)
 def test_score_in_bf16_mixed_is_as_close_to_fp32_as_hf_under_autocast(arch, name):

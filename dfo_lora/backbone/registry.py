@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dfo_lora.backbone.stack import StackInputs, enter, run_at_slots
+from dfo_lora.backbone.stack import StackInputs, enter, enter_after_prefix, run_at_slots
 from dfo_lora.errors import UserError
 
 
@@ -95,6 +95,15 @@ class Architecture:
         """Layer 0's input for a right-padded batch and every layer's extra arguments."""
         mask = None if self.causal else attention_mask
         return enter(model, self.layers(model), ids, mask)
+
+    def enter_after_prefix(
+        self, model: nn.Module, prefix: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[StackInputs, StackInputs] | None:
+        """The arguments for a prefix alone and for `ids` after it (`stack.enter_after_prefix`);
+        None for a masked LM, whose prefix positions read the whole input."""
+        if not self.causal:
+            return None
+        return enter_after_prefix(model, self.layers(model), prefix, ids)
 
     @staticmethod
     def run_layer(layer: nn.Module, hidden: torch.Tensor, inputs: StackInputs) -> torch.Tensor:

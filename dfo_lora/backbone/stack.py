@@ -18,10 +18,18 @@ their padding mask.
 `run_at_slots` runs a layer whose output is read at one position per sequence only (the
 last layer: the verbalizer reads the slot): attention at every position, everything
 after it at the slots.
+
+`enter_after_prefix` records the same for sequences that all start with one prefix (a
+prompt space's tokens) on a causal model, split in two: the prefix alone (one sequence)
+and the rest after it, whose layers read the prefix's keys and values from the model's
+own cache (`transformers.Cache`: its positions, masks and sliding windows are the
+model's). A prefix then runs once per candidate instead of once per example.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +72,32 @@ class StackInputs:
             for key, (args, kwargs) in self.calls.items()
         }
         return StackInputs(batch=self.batch * times, calls=calls)
+
+    def cache(self):
+        """The key/value cache the model handed its layers (a `transformers.Cache`), or None."""
+        for args, kwargs in self.calls.values():
+            for value in (*args, *kwargs.values()):
+                if _is_cache(value):
+                    return value
+        return None
+
+    def with_cache(self, cache) -> StackInputs:
+        """The same arguments with every layer handed `cache` instead of the recorded one."""
+
+        def swap(value):
+            return cache if _is_cache(value) else value
+
+        calls = {
+            key: (tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()})
+            for key, (args, kwargs) in self.calls.items()
+        }
+        return StackInputs(batch=self.batch, calls=calls)
+
+
+def _is_cache(value) -> bool:
+    from transformers import Cache
+
+    return isinstance(value, Cache)
 
 
 def _repeat(value, batch: int, times: int, done: dict[int, object]):
@@ -130,13 +164,18 @@ def enter(
     no_grad: none of it depends on trainable weights, and the tensors work both in
     inference mode and under autograd (the gradient baseline).
     """
+    return _record(model, layers, input_ids=ids, attention_mask=attention_mask, use_cache=False)
+
+
+def _record(model: nn.Module, layers: nn.ModuleList, **forward) -> tuple[torch.Tensor, StackInputs]:
+    """Layer 0's input and every layer's arguments in one `model(**forward)` call."""
     sink: dict[int, tuple] = {}
     originals = list(layers)
     last = len(originals) - 1
     for index, layer in enumerate(originals):
         layers[index] = _Recorder(layer, index, last, sink)
     try:
-        model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+        model(**forward)
     except _StopRecording:
         pass
     finally:
@@ -148,7 +187,53 @@ def enter(
             f"{len(sink)} of its {len(originals)} layers"
         )
     calls = {id(layer): sink[i][1:] for i, layer in enumerate(originals)}
-    return sink[0][0], StackInputs(batch=ids.shape[0], calls=calls)
+    hidden = sink[0][0]
+    return hidden, StackInputs(batch=hidden.shape[0], calls=calls)
+
+
+@torch.no_grad()
+def enter_after_prefix(
+    model: nn.Module, layers: nn.ModuleList, prefix: torch.Tensor, ids: torch.Tensor
+) -> tuple[StackInputs, StackInputs] | None:
+    """Every layer's arguments for `prefix` (1, n) alone and for `ids` (B, T) after it.
+
+    Causal models only (a prefix position must not read later ones). The first holds
+    an empty cache (`StackInputs.cache`): a replay of the prefix's layers on a copy of it
+    fills the copy, and the second, handed that copy (`with_cache`), reads the prefix's
+    keys and values there. None where the model hands its layers no cache.
+    """
+    _, alone = _record(model, layers, input_ids=prefix, use_cache=True)
+    empty = alone.cache()
+    if empty is None or not hasattr(empty, "layers"):  # none, or older than transformers 5
+        return None
+    filled = copy.deepcopy(empty)
+    keyword = _cache_keyword(model)
+    model(input_ids=prefix, use_cache=True, **{keyword: filled})  # n positions in the cache
+    _, after = _record(model, layers, input_ids=ids, use_cache=True, **{keyword: filled})
+    return alone, after
+
+
+class PrefixReader:
+    """Stands in for the cache of the input after a prefix: each layer's attention gets
+    the prefix's keys and values (from the cache a replay of the prefix filled, with
+    `repeats` sequences after each of its rows) before its own, as from the model's own
+    cache layer, whose copy does the work; nothing is stored, so the memory of a layer's
+    keys and values is freed once the layer has run."""
+
+    def __init__(self, prefix, repeats: int):
+        self.prefix = prefix
+        self.repeats = repeats
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = copy.copy(self.prefix.layers[layer_idx])
+        layer.batch_repeat_interleave(self.repeats)
+        return layer.update(key_states, value_states, *args, **kwargs)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward's name for a cache: `cache` (transformers 5.x), else `past_key_values`."""
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
 
 
 class _StopLayer(Exception):

@@ -21,6 +21,9 @@ What makes `score` fast (ARCHITECTURE.md), each exact up to dtype rounding:
   at every position and the rest (residual, norms, MLP) at the slot only;
 - length buckets: little padding (right padding; causal models need no padding mask),
   cut finer for the train split, which is scored P-stacked;
+- shared prefix: a prompt space's prompt, the same tokens in front of every example,
+  runs once per candidate on a causal model, its keys and values read by the rest of
+  each sequence through the model's own cache (`_prefixed_logits`);
 - on CUDA, with `cuda_graphs`, the layers above the searched one replayed from graphs
   captured per shape (server/graphs.py; chunks padded to a multiple of GRAPH_ROWS
   candidates so that varying population sizes share a few shapes).
@@ -28,6 +31,7 @@ What makes `score` fast (ARCHITECTURE.md), each exact up to dtype rounding:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +39,7 @@ import torch
 
 from dfo_lora.backbone import Backbone
 from dfo_lora.backbone.fusion import compile_layers, restore_eager
+from dfo_lora.backbone.stack import PrefixReader, StackInputs
 from dfo_lora.errors import UserError
 from dfo_lora.server.batching import Bucket, make_buckets
 from dfo_lora.server.graphs import LayerGraphs, pad_weights, padded_rows
@@ -72,6 +77,9 @@ class ServerOptions:
     max_buckets: int = 8  # length buckets per split at most
     prefix_cache: bool = True  # reuse layer inputs below the searched layer
     slot_only_last_layer: bool = True  # last layer's MLP etc. at the slot position only
+    # a prompt space on a causal LM: the prompt's positions once per candidate in `score`,
+    # not once per example (their keys and values reach the examples through a cache)
+    shared_prefix: bool = True
     # torch.compile each layer's norms and MLP (backbone/fusion.py): fused elementwise work
     compile: bool = False
     # CUDA: replay the layers above the searched one from captured graphs (server/graphs.py);
@@ -161,6 +169,7 @@ class EvaluationServer:
         needs = kind.requirements(space)
         stats = measure(needs, train, self.adapted, self.verbalizer, backbone.dtype)
         self.space = kind.build(space, self.arch, self.model, self.adapted, stats, backbone.device)
+        self._after_prefix = self._enter_after_prefix()
         if self.options.compile:  # (re)compiled from eager, as a backbone may be reused
             path = self.arch.attention_path(self.model)
             compile_layers(self.layers, [layer.get_submodule(path) for layer in self.layers])
@@ -174,6 +183,24 @@ class EvaluationServer:
             else None
         )
         self._repeated: dict[tuple[int, int], tuple] = {}  # (bucket, rows) -> inputs, slots
+
+    def _enter_after_prefix(self) -> dict[int, tuple[StackInputs, StackInputs]]:
+        """Per train bucket, the arguments of the shared prefix alone and of the rest after
+        it (`Architecture.enter_after_prefix`), where `score` runs the prefix once per
+        candidate (`shared_prefix`; before CUDA graphs, as it saves FLOPs and graphs save
+        launches); empty where it does not (no shared prefix, a masked LM, a model that
+        hands its layers no cache)."""
+        n = self.space.shared_prefix
+        if not (n and self.options.shared_prefix):
+            return {}
+        entered = {}
+        for bucket in self.buckets["train"]:
+            ids = bucket.input_ids
+            pair = self.arch.enter_after_prefix(self.model, ids[:1, :n], ids[:, n:])
+            if pair is None:
+                return {}
+            entered[id(bucket)] = pair
+        return entered
 
     def _bucket_call_cost(self, split: str) -> int:
         """Padded tokens worth one more forward call when bucketing `split`."""
@@ -339,7 +366,9 @@ class EvaluationServer:
                 stop = min(num, start + per_chunk)
                 chunk = take(weights, start, stop)
                 with self.backbone.compute():
-                    if self.graphs is not None and layer < self.num_layers - 1:
+                    if self._after_prefix:
+                        out = self._prefixed_logits(layer, h0, bucket, chunk, stop - start)
+                    elif self.graphs is not None and layer < self.num_layers - 1:
                         out = self._graphed_logits(
                             layer, h0, bucket, chunk, stop - start, per_chunk
                         )
@@ -362,6 +391,37 @@ class EvaluationServer:
             at_slot = self._run_to_slots(layer, hidden, inputs, bucket.slots.repeat(num))
         finally:
             modules.clear_candidates()
+        logits = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
+        return logits.view(num, bucket.size, -1)
+
+    def _prefixed_logits(self, layer, h0, bucket, chunk, num) -> torch.Tensor:
+        """`_candidate_logits` with the shared prefix (n positions in front of every
+        sequence) run once per candidate: layers layer..L-1 on the prefix alone (P', n),
+        which fills a cache with its keys and values, then on the rest of each sequence
+        (P' * b, T - n), whose attention reads the prefix there. Equal to running the whole
+        sequences up to rounding: the prefix's positions do not read the later ones."""
+        n = self.space.shared_prefix
+        alone, after = self._after_prefix[id(bucket)]
+        cache = copy.deepcopy(alone.cache())  # empty; filled by the prefix's layers
+        modules = self.adapted[layer]
+        modules.set_candidates(chunk)
+        try:
+            with self.space.prefix_span(self.adapted, "prompt"):
+                self._run_to_slots(
+                    layer,
+                    h0[:1, :n].repeat(num, 1, 1),
+                    alone.repeat(num).with_cache(cache),
+                    torch.zeros(num, dtype=torch.long, device=h0.device),
+                )
+        finally:
+            modules.clear_candidates()
+        with self.space.prefix_span(self.adapted, "off"):
+            at_slot = self._run_to_slots(
+                layer,
+                h0[:, n:].repeat(num, 1, 1),
+                after.repeat(num).with_cache(PrefixReader(cache, bucket.size)),
+                (bucket.slots - n).repeat(num),
+            )
         logits = self.arch.verbalizer_logits(self.model, at_slot, self.verbalizer)
         return logits.view(num, bucket.size, -1)
 

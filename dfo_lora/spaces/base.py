@@ -109,6 +109,17 @@ class SearchSpace(ABC):
     def num_layers(self) -> int:
         return len(self.sigma_hat)
 
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions that hold the same tokens in every example (a prompt space's
+        prompt), which a causal model can run once per candidate (`prefix_span`); 0: none."""
+        return 0
+
+    def prefix_span(self, modules: list[LayerModules], span: str):
+        """A context in which the modules treat each call as the shared prefix alone
+        ("prompt") or as the input after it ("off"); only where `shared_prefix` > 0."""
+        raise NotImplementedError(f"the {self.name} space has no shared prefix")
+
     @abstractmethod
     def weights(self, layer: int, z: torch.Tensor, dtype: torch.dtype) -> Weights:
         """z (P, d) -> the P candidates' weights at `layer`, in `dtype`."""

@@ -19,6 +19,8 @@ deep-prompt`) it is P-Tuning v2's deep prompt in this additive form.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -56,6 +58,10 @@ class PromptLayer(dict):
     def commit(self, weights: Weights | None) -> None:
         for shift in self.values():
             shift.committed = None if weights is None else weights["prompt"][0][0]
+
+    def set_span(self, span: str) -> None:
+        for shift in self.values():
+            shift.span = span
 
 
 class PromptSpace(ProjectedSpace):
@@ -106,6 +112,22 @@ class PromptSpace(ProjectedSpace):
             dataclasses.replace(e, input_ids=ids + list(e.input_ids), slot=e.slot + len(ids))
             for e in examples
         ]
+
+    @property
+    def shared_prefix(self) -> int:
+        return self.config.length
+
+    @contextmanager
+    def prefix_span(self, modules: list[LayerModules], span: str) -> Iterator[None]:
+        """Every layer's shift on `span` ("prompt": calls on the prompt alone; "off":
+        calls on the input after it), back to the prompt in front on leaving."""
+        for layer in modules:
+            layer.set_span(span)
+        try:
+            yield
+        finally:
+            for layer in modules:
+                layer.set_span("front")
 
     def _chunk_numels(self) -> list[int]:
         return [self.config.length * self.hidden]
