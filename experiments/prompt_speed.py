@@ -12,7 +12,8 @@ times in turn, so a change in the machine's load falls on both alike; each path'
 time counts. One JSON line per task and layer: each path's seconds and candidate
 evaluations per second, their ratio, and the largest
 difference between the two paths' losses beside the spread of the population's losses
-(the paths agree up to rounding).
+(the paths agree up to rounding); with `--fp32-truth`, each path's largest distance from
+the losses of an fp32 server with the prompt in front (the rounding each path adds).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--popsize", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--fp32-truth", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -64,6 +66,18 @@ def main() -> None:
             )
             for shared in (False, True)
         }
+        truth = None
+        if args.fp32_truth:
+            truth = build_server(
+                ServerSpec(
+                    task=task,
+                    dtype="fp32",
+                    test_limit=10,
+                    space=space,
+                    options=ServerOptions(shared_prefix=False),
+                ),
+                data=data,
+            )
         for layer in (int(x) for x in args.layers.split(",")):
             z = rng.normal(size=(args.popsize, space.intrinsic_dim))
             seconds, losses = {False: float("inf"), True: float("inf")}, {}
@@ -86,6 +100,7 @@ def main() -> None:
                 "speedup": round(seconds[False] / seconds[True], 3),
                 "max_loss_difference": float(np.abs(losses[True] - losses[False]).max()),
                 "loss_spread": float(np.ptp(losses[False])),
+                **_distance_from(truth, layer, z, losses),
                 "dtype": str(backbone.dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(),
                 **hardware(),
@@ -93,6 +108,17 @@ def main() -> None:
             print(json.dumps(record), flush=True)
             with args.out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _distance_from(truth, layer: int, z: np.ndarray, losses: dict) -> dict:
+    """Each path's largest distance from the fp32 server's losses (none without one)."""
+    if truth is None:
+        return {}
+    want = truth.score(layer, z)["loss"]
+    return {
+        "in_front_max_from_fp32": float(np.abs(losses[False] - want).max()),
+        "once_per_candidate_max_from_fp32": float(np.abs(losses[True] - want).max()),
+    }
 
 
 if __name__ == "__main__":
