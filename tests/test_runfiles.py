@@ -189,6 +189,30 @@ def test_a_damaged_tuned_file_is_rewritten_by_resume(finished, tmp_path, capsys)
     assert_same_run(run, finished[0])
 
 
+def as_if_saved_on_another_cpu(scale: float):
+    """A checkpoint change: every CMA-ES state as another CPU kind would have saved it
+    (same losses and RNG, hashes that the replay here does not meet, numbers moved)."""
+
+    def change(state):
+        for per_layer in state["optimizers"]:
+            for opt in per_layer:
+                opt.update(candidates_sha256="0" * 64, es_sha256="0" * 64)
+                opt["es_probe"] = opt["es_probe"] * (1 + scale)
+
+    return change
+
+
+def test_a_checkpoint_from_another_cpu_kind_resumes_and_says_so(finished, tmp_path, capsys):
+    """Rounding is all that differs: the resume goes on (here to the same results, as the
+    replay on this CPU is the saved run's own) and says how far the replay was."""
+    run = copy_run(finished[0], tmp_path / "run")
+    tamper_state(run / CHECKPOINT, as_if_saved_on_another_cpu(1e-12))
+    assert cli.main(["tune", "--resume", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "replayed on another CPU kind and matches the saved one to 1e-12" in err, err
+    assert_same_run(run, finished[0])
+
+
 def test_the_untouched_run_reads_back(finished):
     """The checks pass on what tune writes (so every failure above is the tampering)."""
     run, results = finished
@@ -229,6 +253,10 @@ TAMPERED_CHECKPOINT = {
     "z wrong width": (
         lambda p: tamper_state(p, lambda s: s.__setitem__("z", s["z"][:, :10].copy())),
         "tensor 'z' has shape (3, 10), expected (layers, 60)",
+    ),
+    "optimizer moved beyond rounding": (
+        lambda p: tamper_state(p, as_if_saved_on_another_cpu(1e-3)),
+        "does not reproduce the saved candidates (relative difference 0.001)",
     ),
     "no state metadata": (
         lambda p: rewrite(p, meta_change=lambda m: m.pop("state")),

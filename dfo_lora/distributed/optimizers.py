@@ -5,7 +5,7 @@
 
 The loop builds its optimizers through `make(kind, dim, popsize, sigma, seed, **options)` and
 `from_state(state)`; here both return a `RemoteOptimizer` whose ask/tell/best/mean/
-state_dict run in the pool actor. The state lives in the actor and outlives the driver
+state_dict/replay_drift run in the pool actor. The state lives in the actor and outlives the driver
 only through the run's checkpoints (the actor is not restarted: if it dies the run stops,
 and `--resume` continues from the last checkpoint). One round trip per ask and per tell;
 `best` comes back with the tell.
@@ -47,6 +47,9 @@ class OptimizerPool:
     def state_dict(self, key: int) -> dict:
         return self.optimizers[key].state_dict()
 
+    def replay_drift(self, key: int) -> float:
+        return self.optimizers[key].replay_drift
+
 
 class RemoteOptimizer:
     """One optimizer in the pool, with the local optimizer's interface."""
@@ -83,6 +86,10 @@ class RemoteOptimizer:
 
     def state_dict(self) -> dict:
         return self._get(self.actor.state_dict.remote(self.key))
+
+    @property
+    def replay_drift(self) -> float:
+        return self._get(self.actor.replay_drift.remote(self.key))
 
 
 class RemoteOptimizers:
