@@ -47,7 +47,7 @@ class OptimizerPool:
     def state_dict(self, key: int) -> dict:
         return self.optimizers[key].state_dict()
 
-    def replay_drift(self, key: int) -> float:
+    def replay_drift(self, key: int) -> float | None:
         return self.optimizers[key].replay_drift
 
 
@@ -88,7 +88,7 @@ class RemoteOptimizer:
         return self._get(self.actor.state_dict.remote(self.key))
 
     @property
-    def replay_drift(self) -> float:
+    def replay_drift(self) -> float | None:
         return self._get(self.actor.replay_drift.remote(self.key))
 
 

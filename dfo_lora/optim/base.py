@@ -168,9 +168,9 @@ class Optimizer(ABC):
     """
 
     name: str  # its name in registry.OPTIMIZERS: "cma", "cma_diag", "fwa", "efwa", ...
-    # How far a loaded state's replay landed from the saved one (relative); 0 when it was
-    # restored bit for bit (always, except CMA-ES replayed on another CPU kind)
-    replay_drift: float = 0.0
+    # How far a loaded state's replay landed from the saved one (relative); None when it
+    # was restored bit for bit (always, except CMA-ES replayed on another CPU kind)
+    replay_drift: float | None = None
 
     def __init__(
         self, name: str, dim: int, popsize: int, sigma: float, seed: int, options: dict

@@ -414,4 +414,4 @@ class CMAES(Optimizer):
         self._es, self._rng_state, self._chain = es, rng_state, saved_chain
         self._asked = asked
         self._history = [row.copy() for row in history]
-        self.replay_drift = drift
+        self.replay_drift = None if exact else drift

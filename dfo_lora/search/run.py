@@ -182,16 +182,17 @@ def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, op
     if state is not None:
         try:  # an optimizer's state that does not replay: name the file
             search.load_state_dict(state)
-            drift = max((o.replay_drift for per in search.optimizers for o in per), default=0.0)
+            drifts = [o.replay_drift for per in search.optimizers for o in per]
         except UserError as exc:
             raise UserError(f"{out / CHECKPOINT}: {exc}") from None
         outdir.remove_stale_temps(out)  # a killed write's temp file: we hold the lock
+        drifts = [d for d in drifts if d is not None]  # None: restored bit for bit
         print(
             f"resuming {out} at {search.position.evals} of {config.budget} evaluations"
             + (
                 f"; the optimizer state was replayed on another CPU kind and matches the "
-                f"saved one to {drift:.1g} (relative), not bit for bit"
-                if drift > 0
+                f"saved one to {max(drifts):.1g} (relative), not bit for bit"
+                if drifts
                 else ""
             ),
             file=sys.stderr,
