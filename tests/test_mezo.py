@@ -25,7 +25,7 @@ from dfo_lora.baselines.run import prepare_context
 from dfo_lora.baselines.training import mezo_seeds, perturb, train_mezo
 from dfo_lora.cli import main
 from dfo_lora.search.checkpoint import load_state, save_state
-from dfo_lora.search.run import CHECKPOINT
+from dfo_lora.search.run import CHECKPOINT, hardware
 from tests.test_baselines import cli_args, one_line_error, read, tiny
 from tests.test_search import _kill_mid_search
 
@@ -115,6 +115,7 @@ def _assert_same_run(whole: Path, killed: Path, weights: str, trained: slice) ->
     for key in ("tuned", "zero_shot", "calibrated_zero_shot", "best_dev_step", "best_dev_evals"):
         assert a[key] == b[key], key
     assert a["train_loss"] == b["train_loss"] and a["skipped_steps"] == b["skipped_steps"]
+    assert a["machines"] == b["machines"] == [hardware()]  # resumed on the same machine
     wa, wb = load_file(str(whole / weights)), load_file(str(killed / weights))
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
     final_a = load_state(whole / CHECKPOINT)["tensors"]

@@ -51,6 +51,7 @@ def fake_run(
     calibrated: float = 0.5,
     machine: dict = AMX,
     dtype: str = "bfloat16",
+    machines: list | None = None,
     **config,
 ) -> Path:
     """A finished run folder as tune (method None) or a baseline writes it."""
@@ -71,6 +72,8 @@ def fake_run(
     }
     if method:
         results["method"] = method
+    if machines is not None:
+        results["machines"] = machines
     (folder / "results.json").write_text(json.dumps(results))
     return folder
 
@@ -192,6 +195,30 @@ def test_rows_merge_and_other_machines_get_their_own_table(sweep, tmp_path):
     out = summarizer.summarize([again], results, table, plot)
     assert out["rows"] == 12
     assert "| cma | 64.0 ± 1.0 (2) | 64.0 |" in table.read_text()
+
+
+def test_a_run_resumed_on_another_machine_is_marked(tmp_path):
+    """It stays in the table of the machine that finished it, marked, with its machines."""
+    results, table, plot = outputs(tmp_path)
+    avx2 = {"cpu": "Old CPU", "cpu_flags": ["avx2"], "gpu": None}
+    unknown = {"cpu": None, "cpu_flags": None, "gpu": None}
+    fake_run(tmp_path / "s" / "a", task="sst2", seed=13, test=0.70, machines=[avx2, AMX])
+    fake_run(tmp_path / "s" / "b", task="sst2", seed=42, test=0.80, machines=[AMX])
+    fake_run(tmp_path / "s" / "c", task="rte", seed=13, test=0.50, machines=[unknown, AMX])
+    fake_run(tmp_path / "s" / "d", task="sst2", seed=13, test=0.74, method="calibrated")
+    out = summarizer.summarize([tmp_path / "s"], results, table, plot)
+    text = out["markdown"]
+    assert text.count("### ") == 1  # one machine group: the finishing machine's
+    assert table_rows(text)["cma"] == ["75.0 ± 5.0 (2) ‡", "50.0 (1) ‡", "62.5"]
+    assert table_rows(text)["calibrated"] == ["74.0 (1)", "—", "—"]
+    assert (
+        "‡ cma on sst2, seed 13: resumed across machines, ran on CPU avx2, then "
+        "CPU amx_bf16+avx512_bf16+avx512f+avx2." in text
+    )
+    assert "‡ cma on rte, seed 13: resumed across machines, ran on a machine not recorded" in text
+    assert "seed 42" not in text
+    rows = {(r["task"], r["seed"]): r for r in map(json.loads, results.read_text().splitlines())}
+    assert rows[("sst2", 42)]["ran_on"] is None and len(rows[("sst2", 13)]["ran_on"]) == 2
 
 
 def test_method_name_rule(tmp_path):

@@ -28,7 +28,7 @@ from dfo_lora.export import export_run
 from dfo_lora.native import MANIFEST, WEIGHTS
 from dfo_lora.search import checkpoint
 from dfo_lora.search.checkpoint import load_state, read_safetensors
-from dfo_lora.search.run import CHECKPOINT, tune
+from dfo_lora.search.run import CHECKPOINT, UNRECORDED, hardware, tune
 from dfo_lora.search.tuned import load_tuned
 from tests.test_search import tiny_config
 
@@ -202,15 +202,34 @@ def as_if_saved_on_another_cpu(scale: float):
     return change
 
 
-def test_a_checkpoint_from_another_cpu_kind_resumes_and_says_so(finished, tmp_path, capsys):
+OTHER_MACHINE = {"cpu": "Other CPU", "cpu_flags": ["avx2"], "gpu": None}
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["machine-recorded", "older-checkpoint"])
+def test_a_checkpoint_from_another_cpu_kind_resumes_and_says_so(
+    finished, tmp_path, capsys, recorded
+):
     """Rounding is all that differs: the resume goes on (here to the same results, as the
-    replay on this CPU is the saved run's own) and says how far the replay was."""
+    replay on this CPU is the saved run's own), says how far the replay was, and
+    results.json lists both machines (the first unknown for a checkpoint from before the
+    record)."""
     run = copy_run(finished[0], tmp_path / "run")
-    tamper_state(run / CHECKPOINT, as_if_saved_on_another_cpu(1e-12))
+
+    def elsewhere(state):
+        as_if_saved_on_another_cpu(1e-12)(state)
+        if recorded:
+            state["machines"] = [OTHER_MACHINE]
+        else:
+            del state["machines"]
+
+    tamper_state(run / CHECKPOINT, elsewhere)
     assert cli.main(["tune", "--resume", str(run), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "replayed on another CPU kind and matches the saved one to 1e-12" in err, err
     assert_same_run(run, finished[0])
+    first = OTHER_MACHINE if recorded else UNRECORDED
+    machines = [first, hardware()]
+    assert json.loads((run / "results.json").read_text())["machines"] == machines
 
 
 def test_the_untouched_run_reads_back(finished):
@@ -221,6 +240,7 @@ def test_the_untouched_run_reads_back(finished):
     state = load_state(run / CHECKPOINT, config)
     assert np.array_equal(state["best_dev_z"], z)
     assert results["evaluations"] == 36
+    assert results["machines"] == state["machines"] == [hardware()]
 
 
 # ------------------------------------------------------------------ the checkpoint

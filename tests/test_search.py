@@ -18,6 +18,7 @@ from dfo_lora.config import TuneConfig, parse_layers
 from dfo_lora.errors import UserError
 from dfo_lora.search import LayerwiseSearch, layer_order, rounds_for, tune
 from dfo_lora.search.checkpoint import load_state, save_state
+from dfo_lora.search.run import hardware
 from dfo_lora.server.factory import build_server
 
 
@@ -244,6 +245,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama_dir, tmp_path,
     final_a = load_state(whole / "checkpoint" / "state.safetensors")
     final_b = load_state(killed / "checkpoint" / "state.safetensors")
     assert np.array_equal(final_a["z"], final_b["z"])
+    assert final_b["machines"] == b["machines"] == [hardware()]  # resumed on the same machine
     assert np.abs(final_a["z"]).max() > 0  # the search moved: the comparison is not of zeros
     strip = [
         {k: v for k, v in json.loads(x).items() if k != "time_s"}

@@ -40,7 +40,7 @@ from dfo_lora.search import outdir
 from dfo_lora.search.callbacks import JsonlLog
 from dfo_lora.search.checkpoint import atomic_write_bytes
 from dfo_lora.search.loop import _better as better_dev  # tune's dev-selection rule
-from dfo_lora.search.run import server_notes, versions
+from dfo_lora.search.run import machines_so_far, server_notes, versions
 from dfo_lora.server.losses import per_example_loss
 
 SPLITS = ("dev", "test")
@@ -65,6 +65,8 @@ class Context:
     started: float = field(default_factory=time.perf_counter)
     # A resumable method's checkpoint being continued (baselines/resume.py), else None.
     resumed: dict | None = None
+    # The machines the run has run on, this one last (`machines_so_far`)
+    machines: list[dict] = field(default_factory=lambda: machines_so_far(None))
     _log: JsonlLog | None = None
 
     @property
@@ -102,6 +104,7 @@ class Context:
     def resume_from(self, state: dict) -> None:
         """Continue a checkpointed run: its prompt scores and its clock."""
         self.resumed = state
+        self.machines = machines_so_far(state)
         self.zero_shot = state["zero_shot"]
         self.calibrated_zero_shot = state["calibrated_zero_shot"]
         self.started = time.perf_counter() - state["elapsed_s"]
@@ -144,6 +147,7 @@ class Context:
             "metric": self.metric,
             "peak_mem_bytes": server.peak_memory(),
             "versions": versions(),
+            "machines": self.machines,
             "server": {k: v for k, v in server.info().items() if k != "sigma_hat"},
             "notes": server_notes(self.server) + self.notes,
             **extra,

@@ -11,7 +11,8 @@ as JSON), after every dev check. It holds everything the rest of the run depends
 - `selection`: the dev selection (best dev, its step and evaluations, and the kept state);
 - `zero_shot`, `calibrated_zero_shot`: the prompt's scores, not recomputed on resume;
 - `log_lines` and `elapsed_s`: log.jsonl is cut back to the lines written up to the
-  checkpoint, and wall_time_s goes on from the checkpoint's time.
+  checkpoint, and wall_time_s goes on from the checkpoint's time;
+- `machines`: where the run has run so far (`search.run.machines_so_far`).
 
 Torch tensors are stored as numpy (bf16 as fp32, exact) and rebuilt in the structure and
 dtype of the live state (`like`), so tuples, dicts and lists of tensors all round-trip.
@@ -115,6 +116,7 @@ def save(path: Path, ctx, step: int, tensors, losses, skipped: int, select) -> N
             "calibrated_zero_shot": ctx.calibrated_zero_shot,
             "log_lines": ctx.log_lines(),
             "elapsed_s": ctx.elapsed(),
+            "machines": ctx.machines,
         },
     )
 

@@ -89,6 +89,25 @@ def hardware() -> dict:
     return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "gpu": gpu}
 
 
+# A machine that a checkpoint written before runs recorded their machines ran on.
+UNRECORDED = {"cpu": None, "cpu_flags": None, "gpu": None}
+
+
+def machines_so_far(state: dict | None) -> list[dict]:
+    """Every machine a run has run on, in order, this one last (`hardware()` each): kept in
+    the checkpoint and results.json, so that a run resumed on another machine says so
+    (results.json's `versions` name only the last). A checkpoint written before this record
+    existed starts the list with `UNRECORDED`."""
+    here = hardware()
+    if state is None:
+        return [here]
+    saved = state.get("machines")
+    history = [dict(m) for m in saved] if isinstance(saved, list) else [dict(UNRECORDED)]
+    if not history or history[-1] != here:
+        history.append(here)
+    return history
+
+
 def prepare_out_dir(
     out: Path, config: TuneConfig, resume: bool, overwrite: bool, resumable: bool = True
 ) -> TuneConfig:
@@ -169,6 +188,7 @@ def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, op
         from dfo_lora.server.factory import build_server
 
         server = build_server(config.server_spec())
+    machines = machines_so_far(state)
     log = JsonlLog(out / "log.jsonl")
     callbacks = [log, ProgressBar(server_metric(server), disable=not progress)]
     search = LayerwiseSearch(  # checks the layers and the budget: nothing is written yet
@@ -176,7 +196,7 @@ def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, op
         config,
         metric=server_metric(server),
         callbacks=callbacks,
-        checkpoint=lambda s: save_state(out / CHECKPOINT, s),
+        checkpoint=lambda s: save_state(out / CHECKPOINT, {**s, "machines": machines}),
         optimizers=optimizers,
     )
     if state is not None:
@@ -206,6 +226,7 @@ def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, op
     results["calibrated_zero_shot"] = calibrated_zero_shot(server, config, results["zero_shot"])
     results["peak_mem_bytes"] = server.peak_memory()
     results["versions"] = versions()
+    results["machines"] = machines
     info = server.info()
     results["server"] = {k: v for k, v in info.items() if k not in ("sigma_hat", "space_state")}
     results["notes"] = server_notes(server)

@@ -25,7 +25,9 @@ counted. Then:
 Machines are never mixed: rows are grouped by machine (device or GPU, CPU flags, dtype),
 model and k, and each group gets its own headed tables and its own plot (`plot-<group>.png`
 when there is more than one group). `--machine TEXT` keeps only groups whose machine
-description contains TEXT.
+description contains TEXT. A run resumed on another machine (results.json's `machines`
+holds more than one) counts under the machine that finished it; its cell is marked ‡ and a
+line under the table names every machine it ran on (row field `ran_on`).
 
 Method names (the rule):
     method = BASE, or BASE/LABEL
@@ -115,15 +117,30 @@ def machine_of(results: dict) -> dict:
     }
 
 
+def describe_where(machine: dict) -> str:
+    """The GPU, or the CPU by its flags."""
+    if machine.get("gpu") and str(machine.get("device", "")).startswith("cuda"):
+        return f"GPU {machine['gpu']}"
+    if machine.get("cpu_flags") is None:
+        return "CPU (flags not recorded)"
+    return f"CPU {'+'.join(machine['cpu_flags']) or 'no avx2'}"
+
+
 def describe_machine(machine: dict) -> str:
     """One line that tells machines apart: GPU or CPU flags, and dtype."""
-    if machine.get("gpu") and machine["device"].startswith("cuda"):
-        where = f"GPU {machine['gpu']}"
-    elif machine.get("cpu_flags") is None:
-        where = "CPU (flags not recorded)"
-    else:
-        where = f"CPU {'+'.join(machine['cpu_flags']) or 'no avx2'}"
-    return f"{where}, {machine['dtype']}"
+    return f"{describe_where(machine)}, {machine['dtype']}"
+
+
+def ran_on(results: dict, device: str) -> list[str] | None:
+    """Where a run resumed on another machine ran, in order (results.json's `machines`);
+    None for a run on one machine. Its row stays with the machine that finished it."""
+    machines = results.get("machines")
+    if not isinstance(machines, list) or len(machines) < 2:
+        return None
+    return [
+        "a machine not recorded" if not any(m.values()) else describe_where({**m, "device": device})
+        for m in machines
+    ]
 
 
 def method_of(results: dict, config: dict, run_dir: Path, label: str | None, grid: dict) -> str:
@@ -184,6 +201,7 @@ def read_run(run_dir: Path, label: str | None = None, grid: dict | None = None) 
             "peak_mem_bytes": results.get("peak_mem_bytes"),
             **machine,
             "machine": describe_machine(machine),
+            "ran_on": ran_on(results, machine["device"]),
             "run": str(run_dir),
         }
     except (KeyError, TypeError, ValueError) as exc:
@@ -310,6 +328,12 @@ def grid_table(rows: list[dict], value, reference: list[dict] | None = None) -> 
     by_cell = cells(rows, value)
     tasks = task_order({t for _, t in by_cell})
     methods = method_order({m for m, _ in by_cell})
+    moved = sorted(
+        (r["method"], r["task"], r["seed"], r["ran_on"])
+        for r in rows
+        if r.get("ran_on") and (r["method"], r["task"]) in by_cell
+    )
+    marked = {(method, task) for method, task, _, _ in moved}
     lines = [
         "| method | " + " | ".join(tasks) + " | average |",
         "|---" * (len(tasks) + 2) + "|",
@@ -319,7 +343,8 @@ def grid_table(rows: list[dict], value, reference: list[dict] | None = None) -> 
         means = []
         for task in tasks:
             values = by_cell.get((method, task))
-            row.append(mean_std(values) if values else "—")
+            mark = " ‡" if (method, task) in marked else ""
+            row.append(mean_std(values) + mark if values else "—")
             if values:
                 means.append(float(np.mean(values)))
         row.append(f"{np.mean(means):.1f}" if len(means) == len(tasks) else "—")
@@ -334,6 +359,14 @@ def grid_table(rows: list[dict], value, reference: list[dict] | None = None) -> 
         all_there = all(t in figures for t in tasks)
         row.append(f"{np.mean([figures[t] for t in tasks]):.1f}" if all_there else "—")
         lines.append("| " + " | ".join(row) + " |")
+    if moved:
+        lines.append("")
+        lines += [
+            f"‡ {method} on {task}, seed {seed}: resumed across machines, ran on "
+            + ", then ".join(where)
+            + "."
+            for method, task, seed, where in moved
+        ]
     return "\n".join(lines)
 
 
