@@ -329,6 +329,7 @@ def test_cma_replay_on_another_cpu_is_accepted_within_rounding(pending, with_pro
     fresh.tell(z, objective(z))  # pycma takes the tell: the rows are its own or equal
     assert fresh.generation == 7
     again = optimizer_from_state(checkpoint_roundtrip(fresh.state_dict()))  # and saves again
+    assert again.replay_drift is None  # bit for bit from here on, on this CPU
     assert np.array_equal(again.ask(), fresh.ask())
 
     exact = make_optimizer("cma", 30, POPSIZE, 1.0, 9)

@@ -411,7 +411,8 @@ class CMAES(Optimizer):
                 f"{cma.__version__}, numpy {np.__version__}, threads {_threads_env()} "
                 "(the loss history or the pycma version differs, or the checkpoint is corrupt)"
             )
-        self._es, self._rng_state, self._chain = es, rng_state, saved_chain
+        # this CPU's chain, so that a later resume here is bit for bit again
+        self._es, self._rng_state, self._chain = es, rng_state, chain
         self._asked = asked
         self._history = [row.copy() for row in history]
         self.replay_drift = None if exact else drift
