@@ -45,9 +45,9 @@ bit (tested over 30 further generations).
 
 Another CPU. OpenBLAS picks its kernels per CPU, so a replay on another CPU kind rounds
 differently: measured on two kept checkpoints saved on an Intel AMX machine and replayed
-on an AMD EPYC, the best candidate came back 2.4e-8 off (of 8.1) after 58 generations and
-1e-16 off after 2; the hashes differ, the RNG state does not (the number of draws never
-depends on rounding). Such a replay is accepted when the RNG state matches exactly and
+on an AMD EPYC, the best candidate came back 2.4e-8 off (of 8.1) after 58 generations
+and at most 9e-16 off after 1 or 2; the hashes differ, the RNG state does not (the
+number of draws never depends on rounding). Such a replay is accepted when the RNG state matches exactly and
 the replayed probe is within `REPLAY_TOLERANCE` (relative to the probe's largest value,
 at least 1) of the saved one; the search then continues from the replayed state, which
 equals the saved one up to rounding, and `replay_drift` says how far it was (the run
