@@ -212,10 +212,11 @@ def test_a_run_resumed_on_another_machine_is_marked(tmp_path):
     assert table_rows(text)["cma"] == ["75.0 ± 5.0 (2) ‡", "50.0 (1) ‡", "62.5"]
     assert table_rows(text)["calibrated"] == ["74.0 (1)", "—", "—"]
     assert (
-        "‡ cma on sst2, seed 13: resumed across machines, ran on CPU avx2, then "
-        "CPU amx_bf16+avx512_bf16+avx512f+avx2." in text
+        "‡ cma on sst2, seed 13: resumed, ran on Old CPU (CPU avx2), then "
+        "Test CPU (CPU amx_bf16+avx512_bf16+avx512f+avx2)." in text
     )
-    assert "‡ cma on rte, seed 13: resumed across machines, ran on a machine not recorded" in text
+    assert "‡ cma on rte, seed 13: resumed, ran on a machine not recorded (a checkpoint" in text
+    assert text.count("‡ cma on sst2") == 1  # under the first table only
     assert "seed 42" not in text
     rows = {(r["task"], r["seed"]): r for r in map(json.loads, results.read_text().splitlines())}
     assert rows[("sst2", 42)]["ran_on"] is None and len(rows[("sst2", 13)]["ran_on"]) == 2

@@ -51,18 +51,21 @@ number of draws never depends on rounding). Such a replay is accepted when the R
 the replayed probe is within `REPLAY_TOLERANCE` (relative to the probe's largest value,
 at least 1) of the saved one; the search then continues from the replayed state, which
 equals the saved one up to rounding, and `replay_drift` says how far it was (the run
-prints it). A changed loss (one swapped rank moves the mean by about sigma) or a changed
-pycma is still refused, and nothing is changed on the optimizer. States written before
-the probe existed are checked on the best candidate instead (the replayed candidate at
-the generation that found it against the saved `best_x`), which cannot see losses told
-after that generation.
+prints it). A changed loss (one swapped rank moves the mean by about sigma), a changed
+pending ask, another pycma, or a state from before the probe that does not replay bit for
+bit is refused, and nothing is changed on the optimizer. The tolerance is one scale for
+all parts (the probe's largest magnitude, at least 1), so on the same CPU a change of
+the state smaller than 1e-6 of that would pass too; the hashes still tell it apart, and
+`replay_drift` is then reported as for another CPU. After such a load the optimizer keeps
+this CPU's candidate chain, so a later resume here is bit for bit again.
 
 Cost: replay is O(generations) pycma updates, the same arithmetic as the original run
 minus the loss evaluations. Measured at dim 500, popsize 20 on the 2-core machine:
 ~15 ms per generation for full CMA (1.5 s to load a 100-generation state), ~3 ms for
 cma_diag. The paper's budget (8000 evaluations, popsize 20, 24 layers) gives each
 layer's optimizer ~17 generations, so resuming all layers replays in ~6 s. The stored
-history is generations x popsize floats, the probe 4 x dim + 1 (full CMA) floats.
+history is generations x popsize floats, the probe about 5 x dim floats (4 x dim for
+cma_diag).
 
 BLAS threads, measured here: full CMA-ES at dim 300 gave bitwise different candidates
 with OPENBLAS_NUM_THREADS=1 than with 2 (LAPACK eigh and matrix products round
@@ -172,7 +175,11 @@ def _probe(es: cma.CMAEvolutionStrategy) -> np.ndarray:
     """`_numeric_parts` in a few dim-sized vectors (a full covariance would be dim^2 floats
     per layer in every checkpoint): compared with a tolerance when the hashes differ."""
     rows = []
-    for part in _numeric_parts(es):
+    scaling = getattr(getattr(es, "sigma_vec", None), "scaling", None)  # cma_diag's variances
+    parts = _numeric_parts(es) + (
+        [np.asarray(scaling, dtype=np.float64)] if scaling is not None else []
+    )
+    for part in parts:
         if part.ndim == 2:  # the full covariance: its diagonal and column sums
             rows += [np.diagonal(part), part.sum(axis=0)]
         else:
@@ -181,13 +188,14 @@ def _probe(es: cma.CMAEvolutionStrategy) -> np.ndarray:
 
 
 def _drift(replayed: np.ndarray, saved: np.ndarray) -> float:
-    """Largest difference relative to the saved values' scale (at least 1); inf when the
-    shapes differ."""
+    """Largest difference relative to the saved values' largest magnitude (at least 1), one
+    scale for all parts; inf when the shapes differ or a value is not finite."""
     if replayed.shape != saved.shape:
         return math.inf
-    return float(
+    drift = float(
         np.abs(replayed - saved).max(initial=0.0) / max(1.0, np.abs(saved).max(initial=0.0))
     )
+    return drift if math.isfinite(drift) else math.inf
 
 
 def _chain(prev: str, candidates: np.ndarray) -> str:
@@ -356,8 +364,6 @@ class CMAES(Optimizer):
             saved_version = str(state["pycma_version"])
             saved_numpy = str(state.get("numpy_version"))
             saved_threads = state.get("threads")
-            best_x = np.asarray(state["best_x"], dtype=np.float64).reshape(-1)
-            best_loss = state["best_loss"]
         except KeyError as exc:
             raise UserError(f"{where}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
@@ -372,44 +378,47 @@ class CMAES(Optimizer):
         es, rng_state = self._build_es(np.random.RandomState(self.seed).get_state())
         chain = _CHAIN_START
         asked: list[np.ndarray] = []
-        replayed_best = None  # the replayed candidate where the saved best was found
         for losses in history:
             asked, rng_state = self._es_ask(es, rng_state)
-            candidates = np.array(asked, dtype=np.float64)
-            chain = _chain(chain, candidates)
-            i = int(np.argmin(losses))
-            if replayed_best is None and best_loss is not None and losses[i] == best_loss:
-                replayed_best = candidates[i]
+            chain = _chain(chain, np.array(asked, dtype=np.float64))
             rng_state = self._es_tell(es, rng_state, asked, losses)
             asked = []
         drift = 0.0
+        exact = True
         if pending is not None:
             asked, rng_state = self._es_ask(es, rng_state)
             replayed = np.array(asked, dtype=np.float64)
             chain = _chain(chain, replayed)
+            exact = np.array_equal(replayed, pending)
             drift = _drift(replayed, pending)
+        exact = exact and chain == saved_chain and _fingerprint(es) == saved_fingerprint
+        if not exact:  # another CPU's rounding is accepted, anything more is not
+            drift = max(drift, _drift(_probe(es), saved_probe) if saved_probe is not None else 0)
         same_rng = (
             np.array_equal(rng_state[1], saved_rng[0])
             and rng_state[2] == saved_rng[1]
             and rng_state[3] == saved_rng[2]
             and rng_state[4] == saved_rng[3]
         )
-        exact = chain == saved_chain and _fingerprint(es) == saved_fingerprint
-        if not exact:  # another CPU's rounding is accepted, anything more is not
-            if saved_probe is not None:
-                drift = max(drift, _drift(_probe(es), saved_probe))
-            elif replayed_best is not None:
-                drift = max(drift, _drift(replayed_best, best_x))
-            elif generation > 0:
-                drift = math.inf  # nothing to compare the replayed generations with
-        close = saved_version == cma.__version__ and drift <= REPLAY_TOLERANCE
-        if not same_rng or not (exact or close):
+        if not same_rng:
+            why = "its random number state differs"
+        elif exact:
+            why = None
+        elif saved_probe is None:
+            why = "not bit for bit, and the state predates the probe that measures how far"
+        elif saved_version != cma.__version__:
+            why = f"not bit for bit, and it was saved with pycma {saved_version}"
+        elif not drift <= REPLAY_TOLERANCE:
+            why = f"it lands {drift:.2g} (relative) from the saved state, beyond rounding"
+        else:
+            why = None
+        if why is not None:
             raise UserError(
                 f"{where}: replaying {generation} generations does not reproduce the saved "
-                f"candidates (relative difference {drift:.2g}); saved with pycma "
-                f"{saved_version}, numpy {saved_numpy}, threads {saved_threads}; now pycma "
-                f"{cma.__version__}, numpy {np.__version__}, threads {_threads_env()} "
-                "(the loss history or the pycma version differs, or the checkpoint is corrupt)"
+                f"candidates: {why} (saved with numpy {saved_numpy}, threads "
+                f"{saved_threads}; now pycma {cma.__version__}, numpy {np.__version__}, "
+                f"threads {_threads_env()}); the loss history differs or the checkpoint is "
+                "corrupt"
             )
         # this CPU's chain, so that a later resume here is bit for bit again
         self._es, self._rng_state, self._chain = es, rng_state, chain

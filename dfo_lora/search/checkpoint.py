@@ -18,8 +18,8 @@ from it, so truncation and appended bytes are caught without one; writes are ato
 a torn write never lands; and a checksum kept in the file's own metadata could not cover
 that metadata, nor stop a hand edit that rewrites it too. What it would add, a bit
 flipped in place into another finite number, is not worth a field that every older run's
-files lack; NaN, inf and shape damage are caught here, and CMA-ES's own fingerprint of
-its state catches a changed optimizer on resume.
+files lack; NaN, inf and shape damage are caught here, and CMA-ES's replay check catches
+a changed optimizer on resume (beyond 1e-6 relative, the rounding another CPU brings).
 """
 
 from __future__ import annotations

@@ -102,8 +102,9 @@ def machines_so_far(state: dict | None) -> list[dict]:
     if state is None:
         return [here]
     saved = state.get("machines")
-    history = [dict(m) for m in saved] if isinstance(saved, list) else [dict(UNRECORDED)]
-    if not history or history[-1] != here:
+    recorded = isinstance(saved, list) and saved and all(isinstance(m, dict) for m in saved)
+    history = [dict(m) for m in saved] if recorded else [dict(UNRECORDED)]
+    if history[-1] != here:
         history.append(here)
     return history
 
@@ -210,8 +211,8 @@ def _run(config: TuneConfig, out: Path, resume: bool, progress: bool, server, op
         print(
             f"resuming {out} at {search.position.evals} of {config.budget} evaluations"
             + (
-                f"; the optimizer state was replayed on another CPU kind and matches the "
-                f"saved one to {max(drifts):.1g} (relative), not bit for bit"
+                f"; the optimizer state was not restored bit for bit (another CPU kind or "
+                f"BLAS) and matches the saved one to {max(drifts):.1g} (relative)"
                 if drifts
                 else ""
             ),

@@ -138,7 +138,9 @@ def ran_on(results: dict, device: str) -> list[str] | None:
     if not isinstance(machines, list) or len(machines) < 2:
         return None
     return [
-        "a machine not recorded" if not any(m.values()) else describe_where({**m, "device": device})
+        "a machine not recorded (a checkpoint older than the record)"
+        if not isinstance(m, dict) or not any(m.values())
+        else f"{m.get('cpu') or '?'} ({describe_where({**m, 'device': device})})"
         for m in machines
     ]
 
@@ -322,16 +324,19 @@ def mean_std(values: list[float]) -> str:
     return f"{arr.mean():.1f} ± {arr.std():.1f} ({len(arr)})"
 
 
-def grid_table(rows: list[dict], value, reference: list[dict] | None = None) -> str:
+def grid_table(
+    rows: list[dict], value, reference: list[dict] | None = None, footnotes: bool = True
+) -> str:
     """Methods x tasks; `reference` rows (published figures) follow, marked, on the same
-    tasks, never averaged into ours."""
+    tasks, never averaged into ours. A cell with a run resumed across machines is marked ‡,
+    and (`footnotes`) a line under the table names its machines."""
     by_cell = cells(rows, value)
     tasks = task_order({t for _, t in by_cell})
     methods = method_order({m for m, _ in by_cell})
     moved = sorted(
         (r["method"], r["task"], r["seed"], r["ran_on"])
         for r in rows
-        if r.get("ran_on") and (r["method"], r["task"]) in by_cell
+        if r.get("ran_on") and value(r) is not None
     )
     marked = {(method, task) for method, task, _, _ in moved}
     lines = [
@@ -359,12 +364,10 @@ def grid_table(rows: list[dict], value, reference: list[dict] | None = None) -> 
         all_there = all(t in figures for t in tasks)
         row.append(f"{np.mean([figures[t] for t in tasks]):.1f}" if all_there else "—")
         lines.append("| " + " | ".join(row) + " |")
-    if moved:
+    if moved and footnotes:
         lines.append("")
         lines += [
-            f"‡ {method} on {task}, seed {seed}: resumed across machines, ran on "
-            + ", then ".join(where)
-            + "."
+            f"‡ {method} on {task}, seed {seed}: resumed, ran on " + ", then ".join(where) + "."
             for method, task, seed, where in moved
         ]
     return "\n".join(lines)
@@ -445,6 +448,7 @@ def markdown(
                         if r.get("calibrated_test") is None
                         else r["test"] - r["calibrated_test"]
                     ),
+                    footnotes=False,
                 )
             )
         parts.append(cost_table(members))
