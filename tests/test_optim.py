@@ -300,6 +300,7 @@ def as_if_saved_on_another_cpu(state: dict, scale: float = 1e-12) -> dict:
     rounding moved every number a little, so neither hash matches the replay here."""
     other = dict(state, candidates_sha256="0" * 64, es_sha256="0" * 64)
     other["es_probe"] = state["es_probe"] * (1 + scale)
+    other["es_scaling"] = state["es_scaling"] * (1 + scale)
     if other["pending"] is not None:
         other["pending"] = state["pending"] * (1 + scale)
     return other
@@ -328,6 +329,9 @@ def test_cma_replay_on_another_cpu_is_accepted_within_rounding(name, pending):
     assert again.replay_drift is None  # bit for bit from here on, on this CPU
     assert np.array_equal(again.ask(), fresh.ask())
 
+    before_scaling = {k: v for k, v in as_if_saved_on_another_cpu(state).items()}
+    del before_scaling["es_scaling"]  # a state saved before the second probe still loads
+    make_optimizer(name, 30, POPSIZE, 1.0, 9).load_state_dict(before_scaling)
     exact = make_optimizer(name, 30, POPSIZE, 1.0, 9)
     exact.load_state_dict(state)
     assert exact.replay_drift is None  # the same CPU: bit for bit
@@ -352,6 +356,10 @@ def test_cma_replay_beyond_rounding_is_refused():
         "moved 1e-3": (as_if_saved_on_another_cpu(state, scale=1e-3), "lands 0.001"),
         "last ranking changed": (as_if_saved_on_another_cpu(swapped), "beyond rounding"),
         "pending changed": (dict(asked, pending=asked["pending"] + 0.3), "beyond rounding"),
+        "cma_diag-style variances moved": (
+            dict(as_if_saved_on_another_cpu(state), es_scaling=state["es_scaling"] + 0.01),
+            "beyond rounding",
+        ),
         "nan in the probe": (
             dict(as_if_saved_on_another_cpu(state), es_probe=state["es_probe"] * np.nan),
             "lands inf",

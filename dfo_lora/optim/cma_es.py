@@ -37,7 +37,8 @@ is deterministic given its random numbers and the f-values it is told. So `state
 stores the configuration, the own RNG state, the history of told losses (one row per
 generation, non-finite kept as +inf), whether an ask is pending, a SHA-256 chain over
 every asked population, a SHA-256 of the ES's mean/sigma/paths/covariance and a small
-probe of those numbers (mean, sigma, paths, the covariance's diagonal and column sums).
+probe of those numbers (mean, sigma, paths, the covariance's diagonal and column sums;
+cma_diag's variances `sigma_vec.scaling` as `es_scaling`).
 `load_state_dict()` builds a fresh ES from the seed and replays `ask()` + `tell(losses)`
 for each stored generation: the asks regenerate the same candidates because the RNG is
 replayed too. When the hashes and the RNG state match, the optimizer continues bit for
@@ -64,7 +65,7 @@ minus the loss evaluations. Measured at dim 500, popsize 20 on the 2-core machin
 ~15 ms per generation for full CMA (1.5 s to load a 100-generation state), ~3 ms for
 cma_diag. The paper's budget (8000 evaluations, popsize 20, 24 layers) gives each
 layer's optimizer ~17 generations, so resuming all layers replays in ~6 s. The stored
-history is generations x popsize floats, the probe about 5 x dim floats (4 x dim for
+history is generations x popsize floats, the probes about 5 x dim floats (4 x dim for
 cma_diag).
 
 BLAS threads, measured here: full CMA-ES at dim 300 gave bitwise different candidates
@@ -175,16 +176,19 @@ def _probe(es: cma.CMAEvolutionStrategy) -> np.ndarray:
     """`_numeric_parts` in a few dim-sized vectors (a full covariance would be dim^2 floats
     per layer in every checkpoint): compared with a tolerance when the hashes differ."""
     rows = []
-    scaling = getattr(getattr(es, "sigma_vec", None), "scaling", None)  # cma_diag's variances
-    parts = _numeric_parts(es) + (
-        [np.asarray(scaling, dtype=np.float64)] if scaling is not None else []
-    )
-    for part in parts:
+    for part in _numeric_parts(es):
         if part.ndim == 2:  # the full covariance: its diagonal and column sums
             rows += [np.diagonal(part), part.sum(axis=0)]
         else:
             rows.append(part.reshape(-1))
     return np.concatenate(rows)
+
+
+def _scaling(es: cma.CMAEvolutionStrategy) -> np.ndarray:
+    """cma_diag's variances (`sigma_vec.scaling`), which `_numeric_parts` misses: a second
+    probe, kept apart so that states saved before it (without `es_scaling`) still load."""
+    scaling = getattr(getattr(es, "sigma_vec", None), "scaling", 1.0)
+    return np.atleast_1d(np.asarray(scaling, dtype=np.float64))
 
 
 def _drift(replayed: np.ndarray, saved: np.ndarray) -> float:
@@ -338,6 +342,7 @@ class CMAES(Optimizer):
             "candidates_sha256": self._chain,
             "es_sha256": _fingerprint(self._es),
             "es_probe": _probe(self._es),
+            "es_scaling": _scaling(self._es),
             "rng_mt19937_keys": np.asarray(keys, dtype=np.uint32).copy(),
             "rng_pos": int(pos),
             "rng_has_gauss": int(has_gauss),
@@ -393,7 +398,11 @@ class CMAES(Optimizer):
             drift = _drift(replayed, pending)
         exact = exact and chain == saved_chain and _fingerprint(es) == saved_fingerprint
         if not exact:  # another CPU's rounding is accepted, anything more is not
-            drift = max(drift, _drift(_probe(es), saved_probe) if saved_probe is not None else 0)
+            if saved_probe is not None:
+                drift = max(drift, _drift(_probe(es), saved_probe))
+            if state.get("es_scaling") is not None:
+                saved_scaling = np.asarray(state["es_scaling"], dtype=np.float64).reshape(-1)
+                drift = max(drift, _drift(_scaling(es), saved_scaling))
         same_rng = (
             np.array_equal(rng_state[1], saved_rng[0])
             and rng_state[2] == saved_rng[1]
