@@ -329,7 +329,7 @@ def test_cma_replay_on_another_cpu_is_accepted_within_rounding(name, pending):
     assert again.replay_drift is None  # bit for bit from here on, on this CPU
     assert np.array_equal(again.ask(), fresh.ask())
 
-    before_scaling = {k: v for k, v in as_if_saved_on_another_cpu(state).items()}
+    before_scaling = dict(as_if_saved_on_another_cpu(state))
     del before_scaling["es_scaling"]  # a state saved before the second probe still loads
     make_optimizer(name, 30, POPSIZE, 1.0, 9).load_state_dict(before_scaling)
     exact = make_optimizer(name, 30, POPSIZE, 1.0, 9)
